@@ -1,0 +1,297 @@
+"""Ingest MIMIC-CXR (DICOM) or MIMIC-CXR-JPG into a clean, cached training set.
+
+Reads: the record/study lists (DICOM layout) or the metadata table (JPG layout), the metadata, split and chexpert
+(or negbio) tables, the reports (beside each study folder, or inside mimic-cxr-reports.zip) and the images.
+Writes: `manifest.parquet` (one row per accepted image, row i of its split's array), `images_<split>.npy` (uint8,
+N x S x S, memory-mappable), `rejected.parquet` (every listed image that was not used, with the reason), a sample
+grid PNG, and returns the metrics. Nothing from a DICOM header but pixels is kept, so no identifier can leak.
+"""
+from __future__ import annotations
+
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from cxrsynth.config import IngestParams
+from cxrsynth.data import dicom
+from cxrsynth.data.layout import CSV_NAMES, HEADERS, REPORTS_ZIP, SPLITS, image_path, report_path
+from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.text.sections import section_report
+from cxrsynth.viz import image_grid
+
+SECTION_COLUMNS = ("impression", "findings", "last_paragraph", "comparison", "indication")
+IDS = ("subject_id", "study_id", "dicom_id")
+
+
+class IngestError(RuntimeError):
+    """The input as a whole is unusable (a required file or column is missing); one line naming it."""
+
+
+def read_table(root: Path, name: str) -> pd.DataFrame:
+    """A MIMIC table by key of CSV_NAMES, gzipped or not; extra columns are tolerated, missing ones are fatal."""
+    fname = CSV_NAMES[name]
+    candidates = [root / fname, root / fname.removesuffix(".gz")]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise IngestError(f"{candidates[0]}: required file missing")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    need = [c for c in HEADERS[name] if c not in df.columns]
+    if need:
+        raise IngestError(f"{path}: required column {need[0]!r} missing")
+    return df
+
+
+def _reject_frame(rows: list[dict]) -> pd.DataFrame:
+    cols = ["subject_id", "study_id", "dicom_id", "path", "reason", "detail"]
+    return pd.DataFrame(rows, columns=cols).astype(str) if rows else pd.DataFrame({c: pd.Series(dtype=str)
+                                                                                    for c in cols})
+
+
+@dataclass
+class Candidates:
+    table: pd.DataFrame  # records that passed the table checks, with view, split, labels, report sections
+    rejected: list[dict]
+    read: int
+
+
+def _read_report(root: Path, rel: str, zf: zipfile.ZipFile | None) -> tuple[str | None, str]:
+    """(text, '') or (None, reason): beside the study folder first, then inside the reports zip."""
+    p = root / rel
+    data: bytes | None = None
+    if p.is_file():
+        data = p.read_bytes()
+    elif zf is not None:
+        try:
+            data = zf.read(rel)
+        except KeyError:
+            data = None
+    if data is None:
+        return None, "report_missing"
+    if not data.strip():
+        return None, "report_empty"
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return None, "report_not_utf8"
+
+
+def collect(params: IngestParams, root: Path, jpg_root: Path) -> Candidates:
+    """Join the tables, check ids, views, splits and reports; every listed image ends accepted or rejected."""
+    src_root = root if params.source == "dicom" else jpg_root
+    meta = read_table(src_root, "metadata")
+    split = read_table(src_root, "split")
+    labels = read_table(src_root, params.labels)
+    if params.source == "dicom":
+        rec = read_table(root, "records")[["subject_id", "study_id", "dicom_id", "path"]]
+    else:
+        rec = meta[["subject_id", "study_id", "dicom_id"]].copy()
+        rec["path"] = [image_path(int(s), int(t), d, "jpg") for s, t, d in rec[list(IDS)].itertuples(index=False)]
+    read = len(rec)
+    rejected: list[dict] = []
+
+    def reject(rows: pd.DataFrame, reason: str, detail: str | pd.Series = "") -> None:
+        det = detail if isinstance(detail, pd.Series) else pd.Series(detail, index=rows.index)
+        for r, d in zip(rows.itertuples(index=False), det):
+            rejected.append({"subject_id": r.subject_id, "study_id": r.study_id, "dicom_id": r.dicom_id,
+                             "path": r.path, "reason": reason, "detail": d})
+
+    dup = rec.duplicated("dicom_id", keep="first")
+    reject(rec[dup], "duplicate_record", "dicom_id listed twice")
+    rec = rec[~dup]
+    m = meta.drop_duplicates("dicom_id")[["dicom_id", "subject_id", "study_id", "ViewPosition"]]
+    s = split.drop_duplicates("dicom_id")[["dicom_id", "subject_id", "study_id", "split"]]
+    df = rec.merge(m.rename(columns={"subject_id": "subject_id_meta", "study_id": "study_id_meta"}),
+                   on="dicom_id", how="left")
+    df = df.merge(s.rename(columns={"subject_id": "subject_id_split", "study_id": "study_id_split"}),
+                  on="dicom_id", how="left")
+    for table, col in (("metadata", "ViewPosition"), ("split", "split")):
+        miss = df[col].isna()
+        reject(df[miss], f"not_in_{table}", f"dicom_id absent from {CSV_NAMES[table]}")
+        df = df[~miss]
+    bad = ((df.subject_id != df.subject_id_meta) | (df.study_id != df.study_id_meta)
+           | (df.subject_id != df.subject_id_split) | (df.study_id != df.study_id_split))
+    reject(df[bad], "ids_disagree", "subject/study ids differ between record list, metadata and split")
+    df = df[~bad].drop(columns=["subject_id_meta", "study_id_meta", "subject_id_split", "study_id_split"])
+    unknown = ~df.split.isin(SPLITS)
+    reject(df[unknown], "unknown_split", "split " + df.split[unknown])
+    df = df[~unknown]
+    conflict = df.groupby("subject_id").split.nunique()
+    if (conflict > 1).any():
+        raise IngestError(f"subject {conflict[conflict > 1].index[0]} appears in more than one split")
+    excluded = ~df.ViewPosition.isin(params.views)
+    reject(df[excluded], "view_excluded", "ViewPosition " + df.ViewPosition[excluded].replace("", "(empty)"))
+    df = df[~excluded]
+    if params.per_study == "one":
+        rank = df.ViewPosition.map({v: i for i, v in enumerate(params.views)})
+        df = df.assign(_rank=rank).sort_values(["study_id", "_rank", "dicom_id"])
+        extra = df.duplicated("study_id", keep="first")
+        reject(df[extra], "not_selected_in_study", "per_study=one keeps the first preferred view")
+        df = df[~extra].drop(columns="_rank")
+
+    # reports: one read per study
+    zpath = root / REPORTS_ZIP
+    zf = zipfile.ZipFile(zpath) if zpath.is_file() else None
+    sections: dict[str, dict] = {}
+    report_reason: dict[str, str] = {}
+    try:
+        for subj, study in df[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False):
+            text, reason = _read_report(root, report_path(int(subj), int(study)), zf)
+            if text is None:
+                report_reason[study] = reason
+            else:
+                secs = section_report(text)
+                sections[study] = {c: secs.get(c, "") for c in SECTION_COLUMNS} | {"report": text}
+    finally:
+        if zf is not None:
+            zf.close()
+    reasons = df.study_id.map(report_reason)
+    for reason in sorted(set(report_reason.values())):
+        hit = reasons == reason
+        reject(df[hit], reason, df[hit].apply(lambda r: report_path(int(r.subject_id), int(r.study_id)), axis=1))
+    df = df[reasons.isna()]
+
+    lab = labels.drop_duplicates("study_id", keep="last").set_index("study_id")[list(OBSERVATIONS)]
+    lab = lab.replace("", np.nan).astype(float)
+    df = df.join(lab, on="study_id")
+    sec = pd.DataFrame.from_dict(sections, orient="index")
+    df = df.join(sec, on="study_id")
+    df = df.rename(columns={"ViewPosition": "view"}).sort_values(["split", "subject_id", "study_id", "dicom_id"])
+    return Candidates(df.reset_index(drop=True), rejected, read)
+
+
+def to_square(img: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize a [0,1] image to size x size keeping its aspect ratio (pad with black, or centre-crop),
+    anti-aliased (Lanczos on float data), returned as uint8."""
+    h, w = img.shape
+    scale = size / max(h, w) if mode == "pad" else size / min(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.LANCZOS))
+    out = np.zeros((size, size), np.float32)
+    if mode == "pad":
+        y, x = (size - nh) // 2, (size - nw) // 2
+        out[y:y + nh, x:x + nw] = small
+    else:
+        y, x = (nh - size) // 2, (nw - size) // 2
+        out = small[y:y + size, x:x + size]
+    return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def load_image(path: Path, source: str, voi: str) -> np.ndarray:
+    """Display image in [0,1] (air dark, bone bright) from a DICOM or a MIMIC-CXR-JPG file."""
+    if source == "jpg":
+        if not path.is_file():
+            raise dicom.DicomReadError(path, "missing_file", "no such file")
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        except (OSError, ValueError) as e:
+            raise dicom.DicomReadError(path, "corrupt", f"cannot decode JPEG ({e})") from None
+    if voi == "jpg_recipe":
+        return dicom.official_jpg_recipe(path).astype(np.float32) / 255.0
+    return dicom.read_dicom(path, voi=voi)
+
+
+def _decode(job: tuple[str, str, str, int, str]) -> tuple[np.ndarray | None, str, str]:
+    path, source, voi, size, mode = job
+    try:
+        return to_square(load_image(Path(path), source, voi), size, mode), "", ""
+    except dicom.DicomReadError as e:
+        return None, e.reason, e.detail
+
+
+def _decode_all(jobs: list, workers: int) -> Iterator[tuple[np.ndarray | None, str, str]]:
+    if workers <= 1:
+        yield from map(_decode, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        yield from ex.map(_decode, jobs, chunksize=8)
+
+
+def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: str | Path, workers: int) -> dict:
+    """Run the whole stage; returns metrics. Outputs go to `out` (see module docstring)."""
+    root, jpg_root, out = Path(root), Path(jpg_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cand = collect(params, root, jpg_root)
+    src_root = root if params.source == "dicom" else jpg_root
+    df = cand.table
+    keep = np.zeros(len(df), bool)
+    rows = np.full(len(df), -1, np.int64)
+    size = params.image_size
+    t_decode = time.perf_counter()
+    for split_name in SPLITS:
+        idx = np.flatnonzero(df.split.to_numpy() == split_name)
+        tmp = out / f".images_{split_name}.tmp.npy"
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(idx), size, size))
+        jobs = [(str(src_root / df.path.iat[i]), params.source, params.voi, size, params.resize) for i in idx]
+        n = 0
+        results = _decode_all(jobs, workers)
+        for i, (img, reason, detail) in zip(idx, tqdm(results, total=len(jobs), desc=f"ingest {split_name}",
+                                                     unit="img")):
+            if img is None:
+                r = df.iloc[i]
+                cand.rejected.append({"subject_id": r.subject_id, "study_id": r.study_id, "dicom_id": r.dicom_id,
+                                      "path": r.path, "reason": reason, "detail": detail})
+                continue
+            arr[n] = img
+            keep[i], rows[i] = True, n
+            n += 1
+        arr.flush()
+        final = np.lib.format.open_memmap(out / f"images_{split_name}.npy", mode="w+", dtype=np.uint8,
+                                          shape=(n, size, size))
+        final[:] = arr[:n]
+        final.flush()
+        del arr, final
+        tmp.unlink()
+    decode_s = time.perf_counter() - t_decode
+    manifest = df[keep].assign(image_row=rows[keep]).reset_index(drop=True)
+    manifest = manifest[["subject_id", "study_id", "dicom_id", "split", "view", "path", "image_row",
+                         *OBSERVATIONS, *SECTION_COLUMNS, "report"]]
+    for c in ("subject_id", "study_id"):
+        manifest[c] = manifest[c].astype(np.int64)
+    manifest.to_parquet(out / "manifest.parquet", index=False)
+    rejected = _reject_frame(cand.rejected).sort_values(["reason", "path"]).reset_index(drop=True)
+    rejected.to_parquet(out / "rejected.parquet", index=False)
+    _assert_disjoint(manifest)
+    if len(manifest) + len(rejected) != cand.read:
+        raise AssertionError(f"read {cand.read} != accepted {len(manifest)} + rejected {len(rejected)}")
+    _grid(manifest, out, params.grid_images)
+    decoded = int(len(df))
+    return {
+        "read": cand.read, "accepted": int(len(manifest)), "rejected": int(len(rejected)),
+        "rejected_by_reason": dict(sorted(Counter(rejected.reason).items())),
+        "accepted_by_split": {s: int((manifest.split == s).sum()) for s in SPLITS},
+        "accepted_by_view": dict(sorted(Counter(manifest.view).items())),
+        "studies": int(manifest.study_id.nunique()), "patients": int(manifest.subject_id.nunique()),
+        "images_per_second": round(decoded / decode_s, 2) if decode_s > 0 else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _assert_disjoint(manifest: pd.DataFrame) -> None:
+    per = manifest.groupby("subject_id").split.nunique()
+    if (per > 1).any():
+        raise AssertionError(f"patient {per[per > 1].index[0]} is in more than one split")
+
+
+def _grid(manifest: pd.DataFrame, out: Path, n: int) -> None:
+    arrays = {s: np.load(out / f"images_{s}.npy", mmap_mode="r") for s in SPLITS}
+    pick = manifest.head(n)
+    imgs = [arrays[r.split][r.image_row] for r in pick.itertuples()]
+    caps = [f"{r.split} {r.view} | {r.impression or r.findings or r.last_paragraph}" for r in pick.itertuples()]
+    image_grid(imgs, caps, cols=6, tile=192, title="ingested images (as stored) with their impressions").save(
+        out / "sample_grid.png")
+
+
+def load_split(out: str | Path, split: str) -> np.ndarray:
+    """The memory-mapped uint8 image array of a split (row i = manifest row with image_row i of that split)."""
+    return np.load(Path(out) / f"images_{split}.npy", mmap_mode="r")

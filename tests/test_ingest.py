@@ -1,0 +1,227 @@
+"""Stage ingest on the phantom: every listed image accepted or rejected with the right reason, nothing lost."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrsynth.config import FixtureParams, IngestParams
+from cxrsynth.data import dicom
+from cxrsynth.data.ingest import IngestError, ingest, to_square
+from cxrsynth.data.layout import CSV_NAMES
+from cxrsynth.data.phantom.dataset import generate
+from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.text.sections import section_report
+
+FIX = FixtureParams(size="t", sizes={"t": 12}, image_defect_fraction=0.08, report_defect_fraction=0.08,
+                    contact_sheet_images=2)
+ING = IngestParams(image_size=32, grid_images=4)
+DEFECT_REASON = {"corrupt_dicom": "corrupt", "truncated_dicom": "truncated", "missing_image": "missing_file"}
+REPORT_REASON = {"missing_report": "report_missing", "empty_report": "report_empty",
+                 "report_not_utf8": "report_not_utf8"}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    base = tmp_path_factory.mktemp("raw")
+    generate(FIX, 0, base / "mimic-cxr", base / "mimic-cxr-jpg", base / "phantom", workers=0)
+    truth = [json.loads(x) for x in (base / "phantom" / "ground_truth.jsonl").read_text().splitlines()]
+    return base, truth
+
+
+def _run(base: Path, out: Path, params: IngestParams = ING, workers: int = 0, root: Path | None = None) -> dict:
+    return ingest(params, root or base / "mimic-cxr", base / "mimic-cxr-jpg", out, workers=workers)
+
+
+@pytest.fixture(scope="module")
+def ingested(phantom, tmp_path_factory):
+    base, truth = phantom
+    out = tmp_path_factory.mktemp("interim")
+    metrics = _run(base, out)
+    return out, metrics, pd.read_parquet(out / "manifest.parquet"), pd.read_parquet(out / "rejected.parquet")
+
+
+def test_every_bad_input_rejected_for_the_right_reason_and_the_rest_accepted(phantom, ingested):
+    _, truth = phantom
+    out, metrics, man, rej = ingested
+    reasons = dict(zip(rej.dicom_id, rej.reason))
+    accepted = set(man.dicom_id)
+    for t in truth:
+        if t["view"] not in ("PA", "AP"):
+            assert reasons[t["dicom_id"]] == "view_excluded"
+        elif t["report_defect"]:
+            assert reasons[t["dicom_id"]] == REPORT_REASON[t["report_defect"]]
+        elif t["defect"]:
+            assert reasons[t["dicom_id"]] == DEFECT_REASON[t["defect"]], t
+        else:
+            assert t["dicom_id"] in accepted, t
+    assert metrics["read"] == len(truth) == metrics["accepted"] + metrics["rejected"]
+    assert metrics["rejected_by_reason"] == rej.reason.value_counts().sort_index().to_dict()
+    assert not set(man.dicom_id) & set(rej.dicom_id)
+
+
+def test_images_and_manifest_line_up(phantom, ingested):
+    base, _ = phantom
+    out, metrics, man, _ = ingested
+    for split, group in man.groupby("split"):
+        arr = np.load(out / f"images_{split}.npy", mmap_mode="r")
+        assert arr.dtype == np.uint8 and arr.shape == (len(group), 32, 32)
+        assert sorted(group.image_row) == list(range(len(group)))
+        r = group.iloc[0]
+        want = to_square(dicom.read_dicom(base / "mimic-cxr" / r.path), 32, "pad")
+        np.testing.assert_array_equal(arr[r.image_row], want)
+    assert metrics["accepted_by_split"] == man.split.value_counts().reindex(
+        ["train", "validate", "test"], fill_value=0).to_dict()
+    assert (out / "sample_grid.png").stat().st_size > 1000
+
+
+def test_splits_are_disjoint_by_patient(ingested):
+    _, _, man, _ = ingested
+    assert man.groupby("subject_id").split.nunique().max() == 1
+
+
+def test_labels_are_carried_through_unchanged(phantom, ingested):
+    base, _ = phantom
+    _, _, man, _ = ingested
+    chex = pd.read_csv(base / "mimic-cxr" / CSV_NAMES["chexpert"], dtype=str, keep_default_na=False)
+    chex = chex.set_index("study_id")
+    for r in man.itertuples(index=False):
+        row = chex.loc[str(r.study_id)] if str(r.study_id) in chex.index else None
+        for obs in OBSERVATIONS:
+            got = man.loc[man.dicom_id == r.dicom_id, obs].iat[0]
+            want = np.nan if row is None or row[obs] == "" else float(row[obs])
+            assert (np.isnan(got) and np.isnan(want)) or got == want, (r.study_id, obs)
+    values = set(np.unique(man[list(OBSERVATIONS)].to_numpy()[~np.isnan(man[list(OBSERVATIONS)].to_numpy())]))
+    assert values <= {1.0, 0.0, -1.0}
+
+
+def test_report_sections_come_from_the_official_algorithm(phantom, ingested):
+    base, _ = phantom
+    _, _, man, _ = ingested
+    for r in man.drop_duplicates("study_id").itertuples(index=False):
+        text = (base / "mimic-cxr" / r.path).parent.with_suffix(".txt").read_text()
+        secs = section_report(text)
+        assert r.impression == secs.get("impression", "") and r.findings == secs.get("findings", "")
+        assert r.report == text
+
+
+def test_no_identifier_from_dicom_headers_reaches_outputs(phantom, ingested):
+    _, truth = phantom
+    out, _, _, _ = ingested
+    planted = {v for t in truth for v in t["planted_identifiers"].values()}
+    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    for ident in planted:
+        assert ident.encode() not in blob
+
+
+def test_parallel_and_serial_ingest_agree(phantom, ingested, tmp_path):
+    base, _ = phantom
+    out, _, man, rej = ingested
+    _run(base, tmp_path, workers=2)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "manifest.parquet"), man)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "rejected.parquet"), rej)
+    for split in ("train", "validate", "test"):
+        np.testing.assert_array_equal(np.load(tmp_path / f"images_{split}.npy"), np.load(out / f"images_{split}.npy"))
+
+
+def test_jpg_source_and_official_recipe_agree(phantom, tmp_path):
+    base, _ = phantom
+    a = _run(base, tmp_path / "jpg", replace(ING, source="jpg"))
+    b = _run(base, tmp_path / "rec", replace(ING, voi="jpg_recipe"))
+    ma, mb = (pd.read_parquet(tmp_path / k / "manifest.parquet") for k in ("jpg", "rec"))
+    # the JPG tree has no images for corrupt/truncated/missing DICOMs, and no reports: same acceptance otherwise
+    assert set(ma.dicom_id) == set(mb.dicom_id) and a["accepted"] == b["accepted"]
+    ia, ib = np.load(tmp_path / "jpg" / "images_train.npy"), np.load(tmp_path / "rec" / "images_train.npy")
+    order = ma[ma.split == "train"].set_index("dicom_id").image_row
+    other = mb[mb.split == "train"].set_index("dicom_id").image_row
+    diff = np.abs(ia[order.to_numpy()].astype(int) - ib[other.reindex(order.index).to_numpy()].astype(int))
+    assert diff.mean() < 3  # JPEG quality 95 vs the same recipe without compression
+
+
+def test_reports_are_found_in_the_zip(phantom, tmp_path):
+    base, _ = phantom
+    root = tmp_path / "mimic-cxr"
+    shutil.copytree(base / "mimic-cxr", root)
+    for p in root.rglob("s*.txt"):
+        p.unlink()
+    m = _run(base, tmp_path / "out", root=root)
+    assert m["accepted"] > 0
+    # missing and empty reports stay rejected; a missing file is absent from the zip as well
+    assert "report_missing" in m["rejected_by_reason"]
+
+
+def test_one_image_per_study(phantom, tmp_path):
+    base, _ = phantom
+    m = _run(base, tmp_path, replace(ING, per_study="one"))
+    man = pd.read_parquet(tmp_path / "manifest.parquet")
+    assert man.study_id.is_unique
+    assert m["read"] == m["accepted"] + m["rejected"]
+
+
+def _copy_root(base: Path, tmp: Path) -> Path:
+    root = tmp / "mimic-cxr"
+    shutil.copytree(base / "mimic-cxr", root)
+    return root
+
+
+def _rewrite(path: Path, fn) -> None:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = fn(df)
+    with gzip.open(path, "wt") as f:
+        df.to_csv(f, index=False)
+
+
+def test_ids_that_disagree_are_rejected_and_extra_columns_tolerated(phantom, tmp_path):
+    base, _ = phantom
+    root = _copy_root(base, tmp_path)
+    victim = {}
+
+    def break_split(df):
+        victim["id"] = df.dicom_id.iat[0]
+        df.loc[0, "study_id"] = "59999999"
+        return df
+
+    _rewrite(root / CSV_NAMES["split"], break_split)
+    _rewrite(root / CSV_NAMES["metadata"], lambda df: df.assign(AcquisitionDeviceProcessingDescription="CHEST"))
+    m = _run(base, tmp_path / "out", root=root)
+    rej = pd.read_parquet(tmp_path / "out" / "rejected.parquet")
+    assert rej.set_index("dicom_id").reason[victim["id"]] == "ids_disagree"
+    assert m["read"] == m["accepted"] + m["rejected"]
+
+
+def test_missing_file_or_column_stops_with_its_name(phantom, tmp_path):
+    base, _ = phantom
+    root = _copy_root(base, tmp_path)
+    _rewrite(root / CSV_NAMES["metadata"], lambda df: df.drop(columns=["ViewPosition"]))
+    with pytest.raises(IngestError, match="ViewPosition"):
+        _run(base, tmp_path / "o1", root=root)
+    shutil.copy(base / "mimic-cxr" / CSV_NAMES["metadata"], root / CSV_NAMES["metadata"])
+    (root / CSV_NAMES["split"]).unlink()
+    with pytest.raises(IngestError, match="mimic-cxr-2.0.0-split.csv.gz: required file missing"):
+        _run(base, tmp_path / "o2", root=root)
+
+
+def test_plain_csv_is_read_as_well_as_gzip(phantom, tmp_path):
+    base, _ = phantom
+    root = _copy_root(base, tmp_path)
+    for key in ("records", "split"):
+        gz = root / CSV_NAMES[key]
+        gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    assert _run(base, tmp_path / "o", root=root)["accepted"] > 0
+
+
+def test_to_square_keeps_aspect_and_antialiases():
+    img = np.ones((100, 50), np.float32)
+    pad = to_square(img, 20, "pad")
+    assert pad[:, :4].max() == 0 and pad[:, 6:14].min() == 255  # letterboxed left/right, content in the middle
+    assert to_square(img, 20, "crop").min() == 255
+    checker = (np.indices((256, 256)).sum(0) % 2).astype(np.float32)
+    small = to_square(checker, 16, "pad")
+    assert abs(small.mean() - 127.5) < 3 and small.std() < 3  # no aliasing into stripes
