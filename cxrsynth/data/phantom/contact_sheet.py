@@ -28,7 +28,7 @@ def contact_sheet(root: Path, patients: list, impressions: dict[int, str], n: in
     images, captions = [], []
     for p, s, im in chosen:
         images.append(dicom.read_dicom(root / image_path(p.subject_id, s.study_id, im.dicom_id)))
-        captions.append(f"{im.view} {im.photometric[-1]} {im.bits_stored}b | "
+        captions.append(f"{im.view} MONO{im.photometric[-1]} {im.bits_stored}b | "
                         + (impressions.get(s.study_id) or "(no conclusion)"))
     return image_grid(images, captions, cols=6, tile=224,
                       title="cxrsynth phantom (SYNTHETIC, not patient data): view, photometric, bits | conclusion")
