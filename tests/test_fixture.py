@@ -311,3 +311,20 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_phantom(tmp_path):
     with pytest.raises(FileExistsError, match="not a phantom"):
         generate(FixtureParams(size="t", sizes={"t": 2}), 0, real, None, tmp_path / "phantom")
     assert (real / "files" / "precious.dcm").read_bytes() == b"real data"
+
+
+def test_sidecar_statements_explain_the_labels(ds):
+    """The labels are what the statements of the section the official sectioner picks say, nothing else."""
+    from cxrsynth.text.chexpert import Mention, aggregate
+    from cxrsynth.text.sections import conclusion
+
+    studies = {t["study_id"]: t for t in ds["truth"] if t["report_defect"] is None}
+    assert studies
+    for t in studies.values():
+        text = (ds["root"] / t["report_path"]).read_text()
+        section, body = conclusion(text)
+        stmts = [st for st in t["report_statements"] if st["section"] == section]
+        assert stmts, (t["report_path"], section)
+        flat = " ".join(body.split())
+        assert all(" ".join(st["text"].split()) in flat for st in stmts)
+        assert aggregate(Mention(**m) for st in stmts for m in st["mentions"]) == t["labels"]

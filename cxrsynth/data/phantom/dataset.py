@@ -35,6 +35,7 @@ class PatientResult:
     patient: PatientTruth  # regions, landmarks and labels filled in
     reports: dict[int, str]  # study_id -> report text (also for defective ones: what would have been written)
     impressions: dict[int, str]  # study_id -> the report's conclusion line, for the contact sheet
+    statements: dict[int, list[dict]]  # study_id -> every sentence with its section and CheXpert mentions
 
 
 def _spec(p: PatientTruth, s: StudyTruth, im, n: int, rng: np.random.Generator) -> dicom.DicomSpec:
@@ -53,7 +54,7 @@ def _spec(p: PatientTruth, s: StudyTruth, im, n: int, rng: np.random.Generator) 
 
 def build_patient(p: PatientTruth, root: Path, jpg_root: Path | None, seed: int) -> PatientResult:
     """Render, encode and write one patient's studies; returns the filled-in truth and report texts."""
-    reports, impressions = {}, {}
+    reports, impressions, statements = {}, {}, {}
     prior: StudyTruth | None = None
     for s in p.studies:
         rng = np.random.default_rng([seed, 31, s.study_id])
@@ -62,6 +63,10 @@ def build_patient(p: PatientTruth, root: Path, jpg_root: Path | None, seed: int)
         reports[s.study_id] = rep.text
         concl = rep.sections.get(rep.label_section or "", [])
         impressions[s.study_id] = " ".join(st.text for st in concl)
+        statements[s.study_id] = [
+            {"section": name, "text": st.text, "kinds": list(st.kinds),
+             "mentions": [{"observation": m.observation, "certainty": m.certainty} for m in st.mentions]}
+            for name, sts in rep.sections.items() for st in sts]
         sdir = root / study_dir(p.subject_id, s.study_id)
         sdir.mkdir(parents=True, exist_ok=True)
         _write_report_file(sdir.with_suffix(".txt"), rep.text, s.report_defect)
@@ -86,7 +91,7 @@ def build_patient(p: PatientTruth, root: Path, jpg_root: Path | None, seed: int)
                 jpath.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(dicom.official_jpg_recipe(path)).save(jpath, quality=95)
         prior = s
-    return PatientResult(p, reports, impressions)
+    return PatientResult(p, reports, impressions, statements)
 
 
 def _write_report_file(path: Path, text: str, defect: str | None) -> None:
@@ -128,7 +133,8 @@ def generate(params: FixtureParams, seed: int, root: str | Path, jpg_root: str |
     reports = {k: v for r in results for k, v in r.reports.items()}
     impressions = {k: v for r in results for k, v in r.impressions.items()}
     _write_tables(patients, root, jpg, reports, params)
-    write_jsonl(extras / "ground_truth.jsonl", ground_truth_records(patients))
+    statements = {k: v for r in results for k, v in r.statements.items()}
+    write_jsonl(extras / "ground_truth.jsonl", ground_truth_records(patients, statements))
     sheet = contact_sheet(root, patients, impressions, params.contact_sheet_images)
     sheet.save(extras / "contact_sheet.png", optimize=False)
     return dataset_metrics(patients)
@@ -180,7 +186,7 @@ def _write_tables(patients: list[PatientTruth], root: Path, jpg: Path | None, re
         (jpg / JPG_LIST).write_text("".join(n + "\n" for n in names), encoding="ascii")
 
 
-def ground_truth_records(patients: list[PatientTruth]) -> list[dict]:
+def ground_truth_records(patients: list[PatientTruth], statements: dict[int, list[dict]]) -> list[dict]:
     """One JSON record per image: identifiers, encoding, defects, findings with anatomy and region, labels."""
     out = []
     for p in patients:
@@ -207,6 +213,7 @@ def ground_truth_records(patients: list[PatientTruth]) -> list[dict]:
                     "archetype": p.archetype, "anatomy": asdict(p.anatomy), "pose": asdict(im.pose),
                     "ctr": s.ctr, "findings": findings, "hedges": list(s.hedges), "labels": s.labels,
                     "label_row": _label_row_written(s), "landmarks": im.landmarks,
+                    "report_statements": statements.get(s.study_id, []),
                     "planted_identifiers": {"patient_name": p.patient_name, "patient_id": p.patient_id},
                 })
     return out
