@@ -204,7 +204,7 @@ def test_missing_file_or_column_stops_with_its_name(phantom, tmp_path):
     shutil.copy(base / "mimic-cxr" / CSV_NAMES["metadata"], root / CSV_NAMES["metadata"])
     (root / CSV_NAMES["split"]).unlink()
     with pytest.raises(IngestError, match="mimic-cxr-2.0.0-split.csv.gz: required file missing"):
-        _run(base, tmp_path / "o2", root=root)
+        ingest(ING, root, tmp_path / "no-jpg-release", tmp_path / "o2", workers=0)
 
 
 def test_plain_csv_is_read_as_well_as_gzip(phantom, tmp_path):
@@ -225,3 +225,13 @@ def test_to_square_keeps_aspect_and_antialiases():
     checker = (np.indices((256, 256)).sum(0) % 2).astype(np.float32)
     small = to_square(checker, 16, "pad")
     assert abs(small.mean() - 127.5) < 3 and small.std() < 3  # no aliasing into stripes
+
+
+def test_dicom_source_finds_the_tables_in_the_jpg_release(phantom, tmp_path):
+    """Real MIMIC-CXR (DICOM) has no metadata/split/label tables: they come with MIMIC-CXR-JPG."""
+    base, _ = phantom
+    root = _copy_root(base, tmp_path)
+    for key in ("metadata", "split", "chexpert", "negbio"):
+        (root / CSV_NAMES[key]).unlink()
+    m = _run(base, tmp_path / "o", root=root)
+    assert m["accepted"] > 0 and m["read"] == m["accepted"] + m["rejected"]

@@ -36,10 +36,12 @@ class IngestError(RuntimeError):
     """The input as a whole is unusable (a required file or column is missing); one line naming it."""
 
 
-def read_table(root: Path, name: str) -> pd.DataFrame:
-    """A MIMIC table by key of CSV_NAMES, gzipped or not; extra columns are tolerated, missing ones are fatal."""
+def read_table(root: Path | list[Path], name: str) -> pd.DataFrame:
+    """A MIMIC table by key of CSV_NAMES, gzipped or not, from the first root that has it; extra columns are
+    tolerated, missing ones are fatal."""
+    roots = root if isinstance(root, list) else [root]
     fname = CSV_NAMES[name]
-    candidates = [root / fname, root / fname.removesuffix(".gz")]
+    candidates = [r / n for r in roots for n in (fname, fname.removesuffix(".gz"))]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise IngestError(f"{candidates[0]}: required file missing")
@@ -86,10 +88,11 @@ def _read_report(root: Path, rel: str, zf: zipfile.ZipFile | None) -> tuple[str 
 
 def collect(params: IngestParams, root: Path, jpg_root: Path) -> Candidates:
     """Join the tables, check ids, views, splits and reports; every listed image ends accepted or rejected."""
-    src_root = root if params.source == "dicom" else jpg_root
-    meta = read_table(src_root, "metadata")
-    split = read_table(src_root, "split")
-    labels = read_table(src_root, params.labels)
+    # The DICOM release has no metadata/split/label tables: MIMIC-CXR-JPG carries them, so look there too.
+    tables = [root, jpg_root] if params.source == "dicom" else [jpg_root]
+    meta = read_table(tables, "metadata")
+    split = read_table(tables, "split")
+    labels = read_table(tables, params.labels)
     if params.source == "dicom":
         rec = read_table(root, "records")[["subject_id", "study_id", "dicom_id", "path"]]
     else:
