@@ -1,0 +1,197 @@
+"""The `prompts` stage's work: findings for every ingested report, the mined vocabulary, written prompts, and
+the measured quality of all three.
+
+Reads the ingest manifest (report text, split, labels) and, on the phantom, its ground-truth sidecar (the
+writer's statements with their CheXpert mentions). Writes vocab.json, findings.parquet and prompts.parquet under
+`out`, and returns the metrics (flat keys for `dvc metrics diff`).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cxrsynth.config import PromptsParams
+from cxrsynth.text.chexpert import OBSERVATIONS, Mention, aggregate
+from cxrsynth.text.findings import Finding, extract_findings
+from cxrsynth.text.labels import chexpert_labels, chexpert_mentions
+from cxrsynth.text.prompting import PromptSpec, Vocabulary, mine_vocabulary, round_trip, sample_spec, \
+    spec_from_findings
+from cxrsynth.text.vocab import PATHOLOGIES
+from cxrsynth.text.writers import diversity, make_writer
+
+LABELS = [o for o in OBSERVATIONS]
+
+
+def spec_labels(spec: PromptSpec) -> dict[str, float | None]:
+    """CheXpert labels of what a prompt asks for (from its terms, whatever the writer wrote)."""
+    mentions = [Mention(PATHOLOGIES[t.pathology].observation, t.certainty) for t in spec.terms
+                if PATHOLOGIES[t.pathology].observation not in (None, "No Finding")]
+    return aggregate(mentions)
+
+
+def _finding_dict(f: Finding) -> dict:
+    return {"pathology": f.pathology, "anatomy": f.anatomy, "certainty": f.certainty, "modifiers": f.modifiers,
+            "span": list(f.span), "surface": f.surface}
+
+
+def study_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per study: ids, split, report text, labels, and the view of its first frontal image."""
+    cols = ["subject_id", "study_id", "split", "report", "view", "dicom_id", *OBSERVATIONS]
+    return manifest.sort_values(["study_id", "dicom_id"]).drop_duplicates("study_id")[cols].reset_index(drop=True)
+
+
+def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def extraction_vs_truth(studies: pd.DataFrame, sidecar: Path) -> dict:
+    """Statement-level extraction quality against the phantom writer's own record of what each sentence says:
+    per observation and certainty precision / recall / F1, macro-F1 per certainty, and anatomy (side and lobe)
+    accuracy for located findings."""
+    truth: dict[int, dict] = {}
+    with open(sidecar, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            truth.setdefault(r["study_id"], r)
+    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    located = located_ok = 0
+    for sid in studies.study_id:
+        t = truth.get(int(sid))
+        if t is None:
+            continue
+        for st in t["report_statements"]:
+            if st["section"] not in ("findings", "impression", "last_paragraph", "full report"):
+                continue
+            # what a CheXpert-style labeler reads (implied absences such as "lungs are clear" are not mentions)
+            got = {(m.observation, m.certainty) for m in chexpert_mentions(extract_findings(st["text"], sections=None))}
+            want = {(m["observation"], m["certainty"]) for m in st["mentions"]}
+            for key in got | want:
+                counts[key]["tp" if key in got and key in want else "fp" if key in got else "fn"] += 1
+        report_findings = extract_findings(studies.loc[studies.study_id == sid, "report"].iat[0])
+        for f in t["findings"]:
+            if f["side"] not in ("left", "right") or f["kind"] not in (
+                    "effusion", "pneumothorax", "consolidation", "pneumonia", "nodule", "mass"):
+                continue
+            located += 1
+            same = [g for g in report_findings if g.observation == f["pathology"] and g.certainty != "absent"]
+            lobe = f["location"] if f["kind"] in ("consolidation", "pneumonia", "nodule", "mass") else None
+            located_ok += any((g.modifiers.get("side") == f["side"] or (g.anatomy or "").startswith(f["side"]))
+                              and (lobe is None or lobe in (g.anatomy or "")) for g in same)
+    out: dict[str, float] = {}
+    for cert in ("present", "absent", "uncertain"):
+        f1s = []
+        for obs in OBSERVATIONS:
+            c = counts.get((obs, cert))
+            if not c or c["tp"] + c["fn"] == 0:
+                continue
+            p, r, f1 = _f1(c["tp"], c["fp"], c["fn"])
+            out[f"extraction/{cert}/{obs}/precision"] = round(p, 4)
+            out[f"extraction/{cert}/{obs}/recall"] = round(r, 4)
+            out[f"extraction/{cert}/{obs}/f1"] = round(f1, 4)
+            f1s.append(f1)
+        out[f"extraction/{cert}/macro_f1"] = round(float(np.mean(f1s)), 4) if f1s else float("nan")
+    out["extraction/anatomy_accuracy"] = round(located_ok / located, 4) if located else float("nan")
+    out["extraction/located_findings"] = located
+    return out
+
+
+def label_agreement(studies: pd.DataFrame) -> dict:
+    """Our labeler vs the dataset's chexpert table (on MIMIC-CXR: the CheXpert labeler's output)."""
+    ours = pd.DataFrame([chexpert_labels(t) for t in studies.report])
+    out: dict[str, float] = {}
+    f1s, agrees = [], []
+    for obs in OBSERVATIONS:
+        a = ours[obs].astype(float).fillna(9.0).to_numpy()
+        b = studies[obs].astype(float).fillna(9.0).to_numpy()
+        agree = float((a == b).mean())
+        _, _, f1 = _f1(int(((a == 1) & (b == 1)).sum()), int(((a == 1) & (b != 1)).sum()),
+                       int(((a != 1) & (b == 1)).sum()))
+        out[f"labels/{obs}/agreement"] = round(agree, 4)
+        out[f"labels/{obs}/f1_positive"] = round(f1, 4)
+        agrees.append(agree)
+        if (b == 1).any():
+            f1s.append(f1)
+    out["labels/macro_agreement"] = round(float(np.mean(agrees)), 4)
+    out["labels/macro_f1_positive"] = round(float(np.mean(f1s)), 4) if f1s else float("nan")
+    return out
+
+
+def run(params: PromptsParams, seed: int, manifest_path: Path, out: Path, sidecar: Path | None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = pd.read_parquet(manifest_path)
+    studies = study_table(manifest)
+    counts = Counter()
+    rows, per_study = [], []
+    for r in tqdm(studies.itertuples(index=False), total=len(studies), desc="findings", unit="report"):
+        text = r.report or ""
+        counts["reports"] += 1
+        counts["empty_reports"] += not text.strip()
+        counts["non_ascii_reports"] += not text.isascii()
+        counts["long_reports"] += len(text) > params.long_report_chars
+        fs = extract_findings(text)
+        counts["reports_without_findings"] += not fs
+        per_study.append(fs)
+        rows.append({"subject_id": r.subject_id, "study_id": r.study_id, "split": r.split,
+                     "n_findings": len(fs), "findings": json.dumps([_finding_dict(f) for f in fs])})
+    pd.DataFrame(rows).to_parquet(out / "findings.parquet", index=False)
+    train = [fs for fs, s in zip(per_study, studies.split) if s == "train"]
+    vocab = mine_vocabulary(train, params.min_count)
+    (out / "vocab.json").write_text(vocab.to_json() + "\n", encoding="utf-8")
+
+    test_fs = [fs for fs, s in zip(per_study, studies.split) if s == "test"]
+    prevalence = {p: sum(any(f.pathology == p and f.certainty != "absent" for f in fs) for fs in test_fs)
+                  / max(1, len(test_fs)) for p in vocab.pathologies}
+    prevalence[""] = sum(not any(f.certainty != "absent" for f in fs) for fs in test_fs) / max(1, len(test_fs))
+    view_share = manifest[manifest.split == "train"].view.value_counts(normalize=True).to_dict()
+    writer = make_writer(params.writer, vocab, hf_model_path=params.hf_model_path, http_url=params.http_url,
+                         http_model=params.http_model, http_api_key_env=params.http_api_key_env,
+                         max_new_tokens=params.max_new_tokens, temperature=params.temperature)
+    records = []
+    for i in tqdm(range(params.n_sampled), desc="sampled prompts", unit="prompt"):
+        rng = np.random.default_rng([seed, 41, i])
+        spec = sample_spec(vocab, rng, params.label_mix, params.max_findings, params.max_negatives, view_share,
+                           prevalence)
+        records.append(_record(f"s{i:06d}", "sampled", spec, writer.write(spec, rng), seed, writer.name, None))
+    if params.paired:
+        test = studies[studies.split == "test"]
+        for (r, fs) in zip(test.itertuples(index=False), test_fs):
+            spec = spec_from_findings([f for f in fs if f.pathology in vocab.pathologies], r.view)
+            rng = np.random.default_rng([seed, 43, int(r.study_id)])
+            rec = _record(f"p{r.study_id}", "paired", spec, writer.write(spec, rng), seed, writer.name, r)
+            records.append(rec)
+    prompts = pd.DataFrame(records)
+    prompts.to_parquet(out / "prompts.parquet", index=False)
+
+    metrics: dict[str, float] = {f"counts/{k}": int(v) for k, v in sorted(counts.items())}
+    metrics["vocab/pathologies"] = len(vocab.pathologies)
+    metrics["vocab/anatomy"] = len(vocab.anatomy)
+    metrics["vocab/cooccurrence_pairs"] = sum(len(v) for v in vocab.cooccurrence.values())
+    metrics["prompts/sampled"] = int((prompts.kind == "sampled").sum()) if len(prompts) else 0
+    metrics["prompts/paired"] = int((prompts.kind == "paired").sum()) if len(prompts) else 0
+    if len(prompts):
+        metrics["prompts/round_trip_exact"] = round(float(prompts.round_trip.mean()), 4)
+        used = {t["pathology"] for terms in prompts.terms for t in json.loads(terms)}
+        metrics["prompts/vocab_coverage"] = round(len(used & set(vocab.pathologies)) / max(1, len(vocab.pathologies)), 4)
+        metrics |= {f"prompts/{k}": v for k, v in diversity(list(prompts.text)).items()}
+    metrics |= label_agreement(studies)
+    if sidecar is not None and sidecar.is_file():
+        metrics |= extraction_vs_truth(studies, sidecar)
+    return metrics
+
+
+def _record(pid: str, kind: str, spec: PromptSpec, text: str, seed: int, writer: str, source) -> dict:
+    labels = spec_labels(spec)
+    rec = {"prompt_id": pid, "kind": kind, "text": text, "view": spec.view, "seed": seed, "writer": writer,
+           "terms": json.dumps([t.to_dict() for t in spec.terms]), "round_trip": round_trip(text, spec),
+           "source_study_id": None if source is None else int(source.study_id),
+           "source_dicom_id": None if source is None else source.dicom_id,
+           "source_report": None if source is None else source.report}
+    rec |= {obs: labels[obs] for obs in OBSERVATIONS}
+    return rec
