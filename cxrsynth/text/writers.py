@@ -82,11 +82,10 @@ class TemplateWriter:
         w = np.array([n for _, n in forms], float)
         return forms[int(rng.choice(len(forms), p=w / w.sum()))][0]
 
-    def sentence(self, t: Term, rng: np.random.Generator) -> str:
-        return _case(self._sentence(t, rng))
+    def sentence(self, t: Term, rng: np.random.Generator, surface: str | None = None) -> str:
+        return _case(self._sentence(t, rng, surface or self._form(t.pathology, rng)))
 
-    def _sentence(self, t: Term, rng: np.random.Generator) -> str:
-        surf = self._form(t.pathology, rng)
+    def _sentence(self, t: Term, rng: np.random.Generator, surf: str) -> str:
         loc = _location(t.anatomy)
         side = f"{t.side} " if t.side and not t.anatomy else ""
         if t.certainty == "absent":
@@ -112,10 +111,12 @@ class TemplateWriter:
         return _cap(phrase) + (" are" if _plural(phrase) else " is") + f" seen{loc}."
 
     def write(self, spec: PromptSpec, rng: np.random.Generator) -> str:
-        findings = [self.sentence(t, rng) for t in spec.terms]
+        # one wording per finding, so FINDINGS and IMPRESSION describe the same device / lesion the same way
+        surface = {t.pathology: self._form(t.pathology, rng) for t in spec.terms}
+        findings = [self.sentence(t, rng, surface[t.pathology]) for t in spec.terms]
         positives = [t for t in spec.terms if t.certainty != "absent"]
         # A normal prompt restates its negatives: "normal chest radiograph" would imply absences nobody asked for.
-        impression = [self.sentence(t, rng) for t in (positives or spec.terms)]
+        impression = [self.sentence(t, rng, surface[t.pathology]) for t in (positives or spec.terms)]
         return "FINDINGS: " + " ".join(findings) + "\n\nIMPRESSION: " + " ".join(impression)
 
 
