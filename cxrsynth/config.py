@@ -52,6 +52,7 @@ class PathsParams:
     phantom_raw_jpg: str = _opt("data/raw/mimic-cxr-jpg", doc="where the fixture stage writes the phantom JPG tree")
     phantom: str = _opt("data/raw/phantom", doc="phantom-only extras: ground truth sidecar, contact sheet")
     interim: str = _opt("data/interim", doc="ingested images, manifest, rejected records")
+    prompts: str = _opt("data/prompts", doc="vocabulary, per-study findings, written prompts")
     metrics: str = _opt("metrics", doc="metrics JSON folder")
 
 
@@ -116,11 +117,39 @@ class IngestParams:
 
 
 @dataclass(frozen=True)
+class PromptsParams:
+    """Anatomy-pathology prompting: vocabularies, findings, written prompts (stages/prompts.py)."""
+
+    min_count: int = _opt(3, lo=1, hi=100000, doc="terms seen in fewer training studies are cut from the vocabulary")
+    n_sampled: int = _opt(200, lo=0, hi=10_000_000, doc="prompts sampled from the mined distribution")
+    label_mix: str = _opt("prevalence", choices=("prevalence", "test", "balanced"),
+                          doc="primary pathology by training frequency, by test-split frequency, or uniformly")
+    max_findings: int = _opt(4, lo=1, hi=20, doc="positive findings per sampled prompt, at most")
+    max_negatives: int = _opt(2, lo=0, hi=20, doc="pertinent negatives per sampled prompt, at most")
+    paired: bool = _opt(True, doc="also one prompt per test study, from its own report's findings")
+    writer: str = _opt("template", choices=("template", "hf", "http"))
+    hf_model_path: str = _opt("", doc="local folder of a causal LM (writer: hf)")
+    http_url: str = _opt("", doc="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (writer: http)")
+    http_model: str = _opt("", doc="model name sent to the endpoint (writer: http)")
+    http_api_key_env: str = _opt("OPENAI_API_KEY", doc="environment variable holding the API key (writer: http)")
+    max_new_tokens: int = _opt(200, lo=1, hi=4096)
+    temperature: float = _opt(0.7, lo=0.0, hi=5.0)
+    long_report_chars: int = _opt(5000, lo=100, hi=10_000_000, doc="reports longer than this are counted as long")
+
+    def __post_init__(self) -> None:
+        if self.writer == "hf" and not self.hf_model_path:
+            raise ConfigError("prompts.hf_model_path: required when prompts.writer is hf")
+        if self.writer == "http" and not self.http_url:
+            raise ConfigError("prompts.http_url: required when prompts.writer is http")
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
     paths: PathsParams = field(default_factory=PathsParams)
     fixture: FixtureParams = field(default_factory=FixtureParams)
     ingest: IngestParams = field(default_factory=IngestParams)
+    prompts: PromptsParams = field(default_factory=PromptsParams)
 
 
 def _type_name(tp: Any) -> str:
