@@ -53,6 +53,8 @@ class PathsParams:
     phantom: str = _opt("data/raw/phantom", doc="phantom-only extras: ground truth sidecar, contact sheet")
     interim: str = _opt("data/interim", doc="ingested images, manifest, rejected records")
     prompts: str = _opt("data/prompts", doc="vocabulary, per-study findings, written prompts")
+    models: str = _opt("models", doc="trained model folders (config.json + safetensors)")
+    tokens: str = _opt("data/tokens", doc="VQ-GAN token grids per split + sidecar")
     metrics: str = _opt("metrics", doc="metrics JSON folder")
 
 
@@ -144,12 +146,164 @@ class PromptsParams:
 
 
 @dataclass(frozen=True)
+class CodebookParams:
+    """VQ-GAN visual codebook (stages/codebook.py).
+
+    `preset` fills every field left null (`null` in params.yaml): `phantom` (default) fits the embedded phantom into
+    about 4 minutes of a 2-core CPU (64 x 64 images -> 16 x 16 tokens, 512 codes, small channels); `paper` is the
+    lineage setting for real MIMIC-CXR on a GPU (256 x 256 -> 16 x 16 tokens, 1,024 codes, taming's f16
+    architecture). A value written in params.yaml wins over the preset. After loading, no field is null.
+    """
+
+    PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = {
+        # measured on the phantom (bench/codebook.py, README): channel_mult (1, 1, 2) trains 30% faster than
+        # (1, 2, 2) for -0.6 dB at equal steps, a net gain in a fixed time; a 100-step GAN tail costs 0.65 dB at
+        # disc_weight 0.05 but 5 dB at taming's 0.8 (the discriminator has no time to become informative)
+        "phantom": dict(image_size=64, codebook_size=512, embed_dim=32, z_channels=64, channels=32,
+                        channel_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(), disc_layers=2,
+                        disc_channels=32, disc_start=420, disc_weight=0.05, steps=520, batch_size=8, lr=2e-3,
+                        warmup_steps=25, eval_every=130, checkpoint_every=130),
+        "paper": dict(image_size=256, codebook_size=1024, embed_dim=256, z_channels=256, channels=128,
+                      channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), disc_layers=3,
+                      disc_channels=64, disc_start=50_000, disc_weight=0.8, steps=200_000, batch_size=16, lr=1e-4,
+                      warmup_steps=2000, eval_every=5000, checkpoint_every=5000),
+    }
+
+    preset: str = _opt("phantom", choices=("phantom", "paper"), doc="fills the fields left null")
+    quantizer: str = _opt("ema", choices=("vq2", "ema"),
+                          doc="vq2: taming VectorQuantizer2 (gradient-learned codebook); ema: vector-quantize-pytorch "
+                              "EMA codebook with k-means init and dead-code revival")
+    image_size: int | None = _opt(None, lo=16, hi=1024, doc="side the ingested images are resized to (null: preset)")
+    codebook_size: int | None = _opt(None, lo=2, hi=65536, doc="number of codes (uint16 tokens: at most 65,536)")
+    embed_dim: int | None = _opt(None, lo=1, hi=4096, doc="dimension of a codebook vector")
+    z_channels: int | None = _opt(None, lo=1, hi=4096, doc="encoder output channels (projected to embed_dim)")
+    channels: int | None = _opt(None, lo=32, hi=1024, doc="base encoder/decoder width; x channel_mult per level")
+    channel_mult: tuple[int, ...] | None = _opt(None, doc="width multipliers, one per level; len - 1 halvings")
+    num_res_blocks: int | None = _opt(None, lo=1, hi=8, doc="residual blocks per level")
+    attn_resolutions: tuple[int, ...] | None = _opt(None, doc="feature-map sides with self-attention ([] = none)")
+    beta: float = _opt(0.25, lo=0.0, hi=10.0, doc="commitment weight")
+    ema_decay: float = _opt(0.99, lo=0.5, hi=0.99999, doc="ema quantizer: codebook EMA decay")
+    kmeans_init: bool = _opt(True, doc="ema quantizer: k-means initialisation of the codebook on the first batch")
+    dead_code_threshold: float = _opt(1.0, lo=0.0, hi=1e6,
+                                      doc="ema quantizer: revive codes whose EMA cluster size is below this (0 = off)")
+    disc_layers: int | None = _opt(None, lo=1, hi=6, doc="PatchGAN discriminator depth")
+    disc_channels: int | None = _opt(None, lo=4, hi=1024, doc="PatchGAN discriminator width")
+    disc_start: int | None = _opt(None, lo=0, hi=100_000_000, doc="step at which the adversarial loss starts")
+    disc_weight: float | None = _opt(None, lo=0.0, hi=100.0,
+                                     doc="adversarial weight (x taming's adaptive weight; 0 = no GAN)")
+    perceptual_model: str = _opt("", doc="local TorchScript feature network for a perceptual loss ('' = none)")
+    perceptual_weight: float = _opt(0.0, lo=0.0, hi=100.0, doc="weight of the perceptual loss (needs perceptual_model)")
+    steps: int | None = _opt(None, lo=1, hi=100_000_000, doc="optimizer steps")
+    batch_size: int | None = _opt(None, lo=1, hi=4096)
+    lr: float | None = _opt(None, lo=1e-7, hi=1.0, doc="peak AdamW learning rate (generator and discriminator)")
+    min_lr_ratio: float = _opt(0.1, lo=0.0, hi=1.0, doc="cosine decay floor as a fraction of lr")
+    warmup_steps: int | None = _opt(None, lo=0, hi=100_000_000, doc="linear warmup length")
+    weight_decay: float = _opt(0.0, lo=0.0, hi=1.0, doc="AdamW weight decay (weights of dim >= 2 only)")
+    grad_clip: float = _opt(1.0, lo=0.0, hi=1e6, doc="max global gradient norm (both networks together); 0 = off")
+    dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = _opt(False, doc="torch.compile the training module")
+    eval_every: int | None = _opt(None, lo=1, hi=100_000_000, doc="validation (PSNR selects the kept weights)")
+    checkpoint_every: int | None = _opt(None, lo=1, hi=100_000_000, doc="resumable checkpoint interval (steps)")
+    grid_images: int = _opt(8, lo=1, hi=64, doc="validation images in the reconstruction grid")
+    live_dir: str = _opt("dvclive/codebook", doc="dvclive folder for the training curves")
+
+    def __post_init__(self) -> None:
+        if self.preset not in self.PRESETS:
+            raise ConfigError(f"codebook.preset: expected one of {sorted(self.PRESETS)}, got {self.preset!r}")
+        for key, value in self.PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if not 1 <= len(self.channel_mult) <= 8 or any(not 1 <= m <= 16 for m in self.channel_mult):
+            raise ConfigError(f"codebook.channel_mult: expected 1 to 8 multipliers in [1, 16], "
+                              f"got {list(self.channel_mult)}")
+        if any((self.channels * m) % 32 for m in self.channel_mult):
+            raise ConfigError(f"codebook.channels: channels x each channel_mult must be a multiple of 32 (GroupNorm "
+                              f"with 32 groups), got {self.channels} x {list(self.channel_mult)}")
+        down = 2 ** (len(self.channel_mult) - 1)
+        if self.image_size % down:
+            raise ConfigError(f"codebook.image_size: must be a multiple of {down} ({len(self.channel_mult) - 1} "
+                              f"halvings), got {self.image_size}")
+        if any(r < 1 for r in self.attn_resolutions):
+            raise ConfigError(f"codebook.attn_resolutions: expected positive sides, got {list(self.attn_resolutions)}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"codebook.warmup_steps: must not exceed steps ({self.steps}), got {self.warmup_steps}")
+        if self.perceptual_weight > 0 and not self.perceptual_model:
+            raise ConfigError("codebook.perceptual_model: required when perceptual_weight > 0")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the token grid."""
+        return self.image_size // 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TokensParams:
+    """Token grids of every ingested image (stages/tokens.py)."""
+
+    batch_size: int = _opt(64, lo=1, hi=65536, doc="images encoded per forward pass (always float32)")
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    """Chest X-ray classifier: semantic judge and FID feature space (stages/classifier.py)."""
+
+    arch: str = _opt("resnet", choices=("resnet", "densenet"), doc="compact ResNet or DenseNet-BC, 1 input channel")
+    input_size: int = _opt(128, lo=16, hi=1024, doc="images are resized to this side before the network")
+    width: int = _opt(16, lo=1, hi=512, doc="resnet: channels of the first stage (doubled per stage); densenet: growth")
+    depth: tuple[int, ...] = _opt((1, 1, 1, 1), doc="resnet: basic blocks per stage; densenet: layers per dense block")
+    dropout: float = _opt(0.0, lo=0.0, hi=0.9, doc="dropout before the linear head")
+    stem_downsample: int = _opt(2, choices=(2, 4), doc="2: strided conv stem; 4: strided conv + max pool (faster)")
+    pool: str = _opt("avg", choices=("avg", "avgmax"), doc="global pooling; avgmax concatenates average and max")
+    epochs: int = _opt(60, lo=1, hi=1000)
+    batch_size: int = _opt(32, lo=1, hi=4096)
+    lr: float = _opt(1e-3, lo=1e-7, hi=1.0, doc="peak AdamW learning rate")
+    min_lr_ratio: float = _opt(0.05, lo=0.0, hi=1.0, doc="cosine decay floor as a fraction of lr")
+    warmup_epochs: float = _opt(1.0, lo=0.0, hi=100.0, doc="linear warmup length")
+    weight_decay: float = _opt(1e-4, lo=0.0, hi=1.0, doc="AdamW weight decay (weights of dim >= 2 only)")
+    grad_clip: float = _opt(1.0, lo=0.0, hi=1e6, doc="max global gradient norm; 0 = no clipping")
+    ema_decay: float = _opt(0.995, lo=0.0, hi=0.9999, doc="EMA of the weights (evaluated and kept); 0 = off")
+    uncertain_policy: str = _opt("ignore", choices=("ignore", "zeros", "ones"), doc="U-ignore, U-zeros, U-ones")
+    blank_policy: str = _opt("negative", choices=("negative", "ignore"),
+                             doc="blank label (observation not mentioned): train and score it as negative, or ignore")
+    pos_weight: bool = _opt(True, doc="class-balanced loss: weight positives by negatives/positives per label")
+    max_pos_weight: float = _opt(10.0, lo=1.0, hi=1000.0, doc="cap of the class-balancing weight")
+    aug_rotate_deg: float = _opt(7.0, lo=0.0, hi=45.0, doc="random rotation range, degrees either way")
+    aug_scale_min: float = _opt(0.8, lo=0.1, hi=1.0, doc="random resized crop: smallest area fraction")
+    aug_aspect: float = _opt(0.1, lo=0.0, hi=1.0, doc="random resized crop: aspect ratio in [1/(1+a), 1+a]")
+    aug_brightness: float = _opt(0.1, lo=0.0, hi=1.0, doc="additive brightness jitter")
+    aug_contrast: float = _opt(0.15, lo=0.0, hi=1.0, doc="multiplicative contrast jitter")
+    aug_hflip: bool = _opt(False, doc="random horizontal flips (off: anatomy is lateralized)")
+    dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = _opt(False, doc="torch.compile the model")
+    eval_every_epochs: int = _opt(1, lo=1, hi=1000, doc="validation (model selection by macro AUROC) interval")
+    checkpoint_every_epochs: int = _opt(5, lo=1, hi=1000, doc="resumable checkpoint interval")
+    min_count: int = _opt(5, lo=1, hi=10000,
+                          doc="macro AUROC uses labels with at least this many positives and negatives")
+    bootstrap: int = _opt(1000, lo=0, hi=100000, doc="bootstrap resamples for AUROC confidence intervals (0 = none)")
+    prdc_k: int = _opt(5, lo=1, hi=100, doc="k nearest neighbours of precision/recall/density/coverage")
+    kid_subsets: int = _opt(100, lo=1, hi=10000)
+    kid_subset_size: int = _opt(1000, lo=2, hi=100000, doc="capped at the smaller set's size")
+    live_dir: str = _opt("dvclive/classifier", doc="dvclive folder for the training curves")
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.depth) <= 6 or any(d < 1 or d > 64 for d in self.depth):
+            raise ConfigError(f"classifier.depth: expected 1 to 6 stages of 1..64 blocks, got {list(self.depth)}")
+        if self.input_size // (self.stem_downsample * 2 ** (len(self.depth) - 1)) < 1:
+            raise ConfigError(f"classifier.input_size: {self.input_size} is too small for {len(self.depth)} stages")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"classifier.warmup_epochs: {self.warmup_epochs} exceeds epochs ({self.epochs})")
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
     paths: PathsParams = field(default_factory=PathsParams)
     fixture: FixtureParams = field(default_factory=FixtureParams)
     ingest: IngestParams = field(default_factory=IngestParams)
     prompts: PromptsParams = field(default_factory=PromptsParams)
+    codebook: CodebookParams = field(default_factory=CodebookParams)
+    tokens: TokensParams = field(default_factory=TokensParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
 
 
 def _type_name(tp: Any) -> str:
