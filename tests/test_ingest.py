@@ -235,3 +235,25 @@ def test_dicom_source_finds_the_tables_in_the_jpg_release(phantom, tmp_path):
         (root / CSV_NAMES[key]).unlink()
     m = _run(base, tmp_path / "o", root=root)
     assert m["accepted"] > 0 and m["read"] == m["accepted"] + m["rejected"]
+
+
+def test_identifiers_planted_in_reports_are_redacted(phantom, tmp_path):
+    from cxrsynth.data.layout import report_path
+    base, truth = phantom
+    root = _copy_root(base, tmp_path)
+    t = next(t for t in truth if t["view"] in ("PA", "AP") and not t["defect"] and not t["report_defect"])
+    name = t["planted_identifiers"]["patient_name"]  # DICOM PersonName, FAMILY^GIVEN
+    family, given = name.split("^")[:2]
+    rel = report_path(int(t["subject_id"]), int(t["study_id"]))
+    text = (root / rel).read_text()
+    planted = f"{given.title()} {family.title()} seen by Dr. Quackenbush, MRN: 99120345, call 617-555-0199."
+    (root / rel).write_text(text.replace("FINDINGS:", f"FINDINGS: {planted}", 1))
+    metrics = _run(base, tmp_path / "out", root=root)
+    man = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    row = man[man.study_id == int(t["study_id"])].iloc[0]
+    blob = "".join(str(v) for v in man.to_numpy().ravel())
+    for ident in (family, given, "Quackenbush", "99120345", "555-0199"):
+        assert ident.lower() not in blob.lower(), ident
+    assert "___" in row.findings and "seen by" in row.findings
+    assert metrics["reports_redacted"] >= 1 and metrics["redactions"] >= 5
+    assert _run(base, tmp_path / "off", params=replace(ING, redact=False), root=root)["redactions"] == 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cxrsynth.config import CodebookParams, ConfigError, params_from_dict
+from cxrsynth.models.folder import ModelFolderError
 from cxrsynth.models.vqgan import (QUANTIZERS, VQGAN, PerceptualLoss, VQGANConfig, VQGANTrainer, adaptive_weight,
                                    code_usage, fit, hinge_d_loss, psnr, reconstruction_metrics, ssim, to_model_input,
                                    to_unit, training_setup, weights_sha256)
@@ -121,9 +122,9 @@ def test_load_is_strict(tmp_path):
     meta = json.loads((tmp_path / "vq" / "config.json").read_text())
     meta["config"]["embed_dim"] = 16
     (tmp_path / "vq" / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ModelFolderError, match="do not match"):
         VQGAN.load(tmp_path / "vq")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelFolderError, match="config.json"):
         VQGAN.load(tmp_path / "nothing")
 
 

@@ -634,6 +634,16 @@ def _seq_meaning(ds: Dataset, keyword: str) -> str:
     return str(seq[0].get("CodeMeaning", "")).strip()
 
 
+PERSON_NAME_ATTRIBUTES = ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+                          "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "OtherPatientNames")
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
 @_warnings_to_log
 def read_dicom_header(path: str | os.PathLike) -> dict:
     """The attributes the pipeline needs, without reading pixel data.
@@ -641,7 +651,8 @@ def read_dicom_header(path: str | os.PathLike) -> dict:
     Keys: transfer_syntax (UID string), sop_class_uid, modality, view_position, photometric, rows, columns,
     bits_allocated, bits_stored, pixel_representation, number_of_frames, study_date, study_time,
     performed_procedure_description, procedure_code_meaning, view_code_meaning, patient_orientation_meaning
-    (the MIMIC metadata CSV columns). Missing strings are '', missing integers None.
+    (the MIMIC metadata CSV columns), person_names (every non-empty person name in the header, for report
+    redaction). Missing strings are '', missing integers None.
     """
     ds, tsyntax = _open_dataset(path, header_only=True)
     try:
@@ -663,6 +674,7 @@ def read_dicom_header(path: str | os.PathLike) -> dict:
             "procedure_code_meaning": _seq_meaning(ds, "ProcedureCodeSequence"),
             "view_code_meaning": _seq_meaning(ds, "ViewCodeSequence"),
             "patient_orientation_meaning": _seq_meaning(ds, "PatientOrientationCodeSequence"),
+            "person_names": [str(v) for k in PERSON_NAME_ATTRIBUTES for v in _as_list(ds.get(k, None)) if str(v)],
         }
     except Exception as exc:  # a malformed value deep in the header
         raise DicomReadError(path, "corrupt", f"unparseable header ({type(exc).__name__}: {exc})") from None

@@ -25,6 +25,7 @@ from cxrsynth.config import IngestParams
 from cxrsynth.data import dicom
 from cxrsynth.data.layout import CSV_NAMES, HEADERS, REPORTS_ZIP, SPLITS, image_path, report_path
 from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.text.deid import redact
 from cxrsynth.text.sections import section_report
 from cxrsynth.viz import image_grid
 
@@ -63,6 +64,19 @@ class Candidates:
     table: pd.DataFrame  # records that passed the table checks, with view, split, labels, report sections
     rejected: list[dict]
     read: int
+    redactions: int = 0         # identifiers removed from report text
+    reports_redacted: int = 0   # reports with at least one
+
+
+def _header_names(root: Path, paths: list[str]) -> list[str]:
+    """Person names in the DICOM headers of a study's images (unreadable headers are skipped: decoding rejects them)."""
+    names: list[str] = []
+    for rel in paths:
+        try:
+            names += dicom.read_dicom_header(root / rel)["person_names"]
+        except (dicom.DicomReadError, OSError):
+            continue
+    return names
 
 
 def _read_report(root: Path, rel: str, zf: zipfile.ZipFile | None) -> tuple[str | None, str]:
@@ -145,12 +159,18 @@ def collect(params: IngestParams, root: Path, jpg_root: Path) -> Candidates:
     zf = zipfile.ZipFile(zpath) if zpath.is_file() else None
     sections: dict[str, dict] = {}
     report_reason: dict[str, str] = {}
+    study_paths = df.groupby("study_id").path.agg(list) if params.source == "dicom" else {}
+    redactions = reports_redacted = 0
     try:
         for subj, study in df[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False):
             text, reason = _read_report(root, report_path(int(subj), int(study)), zf)
             if text is None:
                 report_reason[study] = reason
             else:
+                if params.redact:
+                    names = _header_names(root, study_paths[study]) if params.source == "dicom" else []
+                    text, n = redact(text, names)
+                    redactions, reports_redacted = redactions + n, reports_redacted + (n > 0)
                 secs = section_report(text)
                 sections[study] = {c: secs.get(c, "") for c in SECTION_COLUMNS} | {"report": text}
     finally:
@@ -168,7 +188,7 @@ def collect(params: IngestParams, root: Path, jpg_root: Path) -> Candidates:
     sec = pd.DataFrame.from_dict(sections, orient="index")
     df = df.join(sec, on="study_id")
     df = df.rename(columns={"ViewPosition": "view"}).sort_values(["split", "subject_id", "study_id", "dicom_id"])
-    return Candidates(df.reset_index(drop=True), rejected, read)
+    return Candidates(df.reset_index(drop=True), rejected, read, redactions, reports_redacted)
 
 
 def to_square(img: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -275,6 +295,7 @@ def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: st
         "accepted_by_split": {s: int((manifest.split == s).sum()) for s in SPLITS},
         "accepted_by_view": dict(sorted(Counter(manifest.view).items())),
         "studies": int(manifest.study_id.nunique()), "patients": int(manifest.subject_id.nunique()),
+        "reports_redacted": cand.reports_redacted, "redactions": cand.redactions,
         "images_per_second": round(decoded / decode_s, 2) if decode_s > 0 else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }

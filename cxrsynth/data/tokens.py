@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrsynth.io import file_sha256
+
 FORMAT = "cxrsynth-tokens"
 FORMAT_VERSION = 1
 SIDECAR = "tokens.json"
@@ -34,14 +36,6 @@ class TokenStoreError(ValueError):
 
 def tokens_file(directory: str | Path, split: str) -> Path:
     return Path(directory) / f"tokens_{split}.npy"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def array_sha256(a: np.ndarray) -> str:

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cxrsynth.config import ClassifierParams
+from cxrsynth.models import folder
 from cxrsynth.eval.features import ModelFeatures, resize, to_image_tensor
 from cxrsynth.eval.metrics import LabelAUROC, macro_auroc, per_label_auroc, roc_curve
 from cxrsynth.text.chexpert import OBSERVATIONS
@@ -231,29 +231,17 @@ class Classifier(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write `config.json` + `model.safetensors` to the folder `path`."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-                "num_features": self.num_features, "labels": list(self.labels), "input_size": self.config.input_size,
-                "normalisation": {"mean": self.config.mean, "std": self.config.std,
-                                  "input": "grayscale in [0, 1] (uint8 / 255), resized to input_size"}}
-        (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": FORMAT})
+        folder.save_folder(self, path, FORMAT, FORMAT_VERSION, {
+            "config": self.config.to_dict(), "num_features": self.num_features, "labels": list(self.labels),
+            "input_size": self.config.input_size,
+            "normalisation": {"mean": self.config.mean, "std": self.config.std,
+                              "input": "grayscale in [0, 1] (uint8 / 255), resized to input_size"}})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
         """Rebuild a classifier from its folder (strict: any missing or unexpected weight is an error)."""
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file}: not a classifier folder (config.json missing)")
-        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
-        model = cls(ClassifierConfig.from_dict(meta["config"]))
-        state = safetensors.torch.load_file(str(path / "model.safetensors"))
-        model.load_state_dict(state, strict=True)
+        meta = folder.read_meta(path, FORMAT, FORMAT_VERSION)
+        model = folder.load_state(cls(ClassifierConfig.from_dict(meta["config"])), path)
         return model.to(device).eval()
 
 

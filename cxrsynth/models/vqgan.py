@@ -48,12 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cxrsynth.config import CodebookParams
+from cxrsynth.models import folder
 from cxrsynth.eval.features import resize, to_image_tensor
 from cxrsynth.train import EpochSampler, TrainConfig, TrainResult, dist_info, seed_everything, train
 
@@ -281,32 +281,18 @@ class VQGAN(nn.Module):
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Write `config.json` (architecture, codebook, input convention, `extra` provenance) + `model.safetensors`."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         c = self.config
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": c.to_dict(),
-                "grid_size": [c.grid_size, c.grid_size], "codebook_size": c.codebook_size,
-                "input": f"float32 N x {c.in_channels} x {c.image_size} x {c.image_size} in [-1, 1] "
-                         "(uint8 / 127.5 - 1, resized with antialiasing); outputs in the same range, unclamped",
-                **({"training": extra} if extra else {})}
-        (path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": FORMAT})
+        folder.save_folder(self, path, FORMAT, FORMAT_VERSION, {
+            "config": c.to_dict(), "grid_size": [c.grid_size, c.grid_size], "codebook_size": c.codebook_size,
+            "input": f"float32 N x {c.in_channels} x {c.image_size} x {c.image_size} in [-1, 1] "
+                     "(uint8 / 127.5 - 1, resized with antialiasing); outputs in the same range, unclamped",
+            **({"training": extra} if extra else {})})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VQGAN:
         """Rebuild from a folder written by `save` (strict: a missing or unexpected weight is an error); eval mode."""
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file}: not a VQ-GAN folder (config.json missing)")
-        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_file}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-        model = cls(VQGANConfig.from_dict(meta["config"]))
-        model.load_state_dict(safetensors.torch.load_file(str(path / "model.safetensors")), strict=True)
+        meta = folder.read_meta(path, FORMAT, FORMAT_VERSION)
+        model = folder.load_state(cls(VQGANConfig.from_dict(meta["config"])), path)
         return model.to(device).eval()
 
 

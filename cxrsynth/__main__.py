@@ -1,0 +1,134 @@
+"""Command line for people: `python -m cxrsynth <command> ...`.
+
+Commands register themselves with `@command(name, help)` on a function `(subparsers entry) -> runner`; a new module
+adds one by defining such a function here or importing its registration (see `COMMANDS`).
+
+    python -m cxrsynth generate "Moderate right pleural effusion." -n 4 --seed 0 --out DIR
+    python -m cxrsynth lineage data/synthetic/images/syn-s000000-0.png [--verify] [--json]
+
+uses the trained models under `models/` (generator with its key-patch bank, VQ-GAN) and writes DIR/images/*.png,
+DIR/images.npy, DIR/manifest.parquet and DIR/contact_sheet.png, like the synthesize stage.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+Runner = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {}
+
+
+def command(name: str, help: str):
+    """Register `fn(parser) -> runner`: fn adds its arguments to the subcommand's parser and returns what runs it."""
+    def register(fn: Callable[[argparse.ArgumentParser], Runner]):
+        COMMANDS[name] = (help, fn)
+        return fn
+    return register
+
+
+def _defaults() -> dict:
+    """Sampling defaults and the models folder from ./params.yaml when there is one (else built-in defaults)."""
+    from cxrsynth.config import ConfigError, SynthesizeParams, load_params
+
+    try:
+        params = load_params("params.yaml") if Path("params.yaml").is_file() else None
+    except ConfigError:
+        params = None
+    s = params.synthesize if params else SynthesizeParams()
+    return {"models": params.paths.models if params else "models", "temperature": s.temperature, "top_k": s.top_k,
+            "top_p": s.top_p, "guidance": s.guidance_scale, "batch_size": s.batch_size}
+
+
+@command("generate", "synthesize chest X-rays from a text prompt with the trained models")
+def _generate_parser(ap: argparse.ArgumentParser) -> Runner:
+    d = _defaults()
+    ap.add_argument("text", help="the prompt, e.g. 'Moderate right pleural effusion.'")
+    ap.add_argument("-n", "--num", type=int, default=1, help="images to draw (default 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--view", default="PA", help="PA | AP | LATERAL | LL (default PA)")
+    ap.add_argument("--models", default=d["models"], help=f"trained models folder (default {d['models']})")
+    ap.add_argument("--temperature", type=float, default=d["temperature"])
+    ap.add_argument("--top-k", type=int, default=d["top_k"])
+    ap.add_argument("--top-p", type=float, default=d["top_p"])
+    ap.add_argument("--guidance", type=float, default=d["guidance"], help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--batch-size", type=int, default=d["batch_size"])
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--dicom", action="store_true", help="also write DICOM copies marked synthetic")
+    return _generate
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cxrsynth.keypatches import terms_of_text
+    from cxrsynth.synthesis import PromptRecord, Sampling, load_models, synthesize, write_outputs
+    from cxrsynth.train import pick_device
+
+    if args.num < 1:
+        raise ValueError(f"-n must be >= 1, got {args.num}")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        guidance_scale=args.guidance, batch_size=args.batch_size)
+    gen, vqgan, hashes = load_models(args.models, device=pick_device(args.device))
+    prompt = PromptRecord(prompt_id="cli", text=args.text, view=args.view, kind="cli", terms=terms_of_text(args.text))
+    syn = synthesize(gen, vqgan, [prompt], sampling, base_seed=args.seed, samples_per_prompt=args.num,
+                     hashes=hashes, progress=True)
+    df = write_outputs(args.out, syn, write_dicom=args.dicom, sheet_images=min(args.num, 24), dicom_seed=args.seed,
+                       title=f"cxrsynth generate (seed {args.seed})")
+    kps = int(df["n_key_patches"].iloc[0])
+    print(f"wrote {len(df)} image(s) to {Path(args.out) / 'images'} ({kps} key patches; contact sheet "
+          f"{Path(args.out) / 'contact_sheet.png'})")
+    return 0
+
+
+@command("lineage", "how a synthetic image was made: prompt, seed, models, stages, params, data, git commit")
+def _lineage_parser(ap: argparse.ArgumentParser) -> Runner:
+    ap.add_argument("target", help="a synthetic PNG or DICOM, or a synthetic_id / prompt_id of the manifest")
+    ap.add_argument("--repo", default=".", help="the project repository (default: the current folder)")
+    ap.add_argument("--verify", action="store_true",
+                    help="recompute hashes of everything on disk and report any mismatch (exit status 1)")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    return _lineage
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from cxrsynth.lineage import format_report, lineage, verify
+
+    report = lineage(args.repo, args.target)
+    problems = verify(args.repo, report) if args.verify else None
+    if args.json:
+        print(json.dumps({**report, **({"verify": problems} if problems is not None else {})}, indent=1,
+                         default=str))
+    else:
+        print(format_report(report, problems))
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cxrsynth", description="cxrsynth: text-to-chest-X-ray synthesis")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, (help_text, build) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_run=build(sp))
+    args = ap.parse_args(argv)
+    from cxrsynth.keypatches import BankError
+    from cxrsynth.lineage import LineageError
+    from cxrsynth.models.generator import GeneratorError
+    from cxrsynth.models.folder import ModelFolderError
+    from cxrsynth.synthesis import SynthesisError
+
+    try:
+        return int(args._run(args) or 0)
+    except (SynthesisError, GeneratorError, ModelFolderError, BankError, LineageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,694 @@
+"""Stage logic of `evaluate`: score the synthetic images on fidelity, semantic consistency, alignment, utility and
+privacy (CheXGenBench's three axes plus the paper's claim), and, on the phantom, check the findings against the
+phantom's known geometry.
+
+Every metric block is a pure function over arrays (images, labels, probabilities, features) that returns a flat dict
+of stable keys (`block/name`, `None` where a number cannot be computed, so `dvc metrics diff` always lines the keys
+up); `evaluate_all` loads the inputs, runs the blocks and draws the pictures.
+
+Conventions:
+- Resolution: synthetic images come out of the VQ-GAN at its side (64 px on the phantom); real images are stored
+  larger. Every comparison resizes the real images to `compare_size` (default: the synthetic side) first, with the
+  project's one resize (`cxrsynth.eval.features.resize`, antialiased), so the resolution gap itself is not scored
+  as infidelity. The reference floor (real train vs real test) is computed here on exactly those images with the same
+  extractor and, by default, with the train set subsampled to the synthetic set's size (FID is biased by N).
+- Labels: a prompt's 14 CheXpert columns (1 / 0 / -1 / blank) are the targets of the semantic AUROC, scored with the
+  classifier's own rule (`eval_targets`: uncertain excluded; blank = not asked = negative unless the classifier's
+  `blank_policy` says ignore).
+- Paired rows: synthetic images whose prompt came from a real test report (`source_dicom_id` set: kind paired or
+  report) are also scored against that real image's labels, and the classifier's outputs on the two images are
+  compared.
+- Utility: three classifiers with identical params and budget (`utility_epochs`, `utility_input_size`), selected on
+  the real validate split and tested on the real test split: real only, synthetic only, real + synthetic.
+
+Reads (via `evaluate_all`): the synthetic folder (`manifest.parquet`, `images.npy`, optional `tokens.npy`), the
+interim images and manifest, the token store (real test grids), the classifier, VQ-GAN and alignment model folders,
+the phantom's `ground_truth.jsonl` (when present). Writes: the PNGs named in `Pictures`; the caller writes the metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrsynth.config import ClassifierParams, EvaluateParams
+from cxrsynth.data.ingest import load_split
+from cxrsynth.eval.features import FeatureExtractor, Features, TorchScriptFeatures, extract, resize, to_image_tensor
+from cxrsynth.eval.geometry import find_lungs, measure_ctr
+from cxrsynth.eval.metrics import (Memorization, closest_pairs_grid, fidelity, macro_auroc, memorization, nearest,
+                                   per_label_auroc, pixel_vectors)
+from cxrsynth.keypatches import terms_from_json
+from cxrsynth.models.classifier import Classifier, LabeledImages, eval_targets, fit, save_roc_png
+from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.viz import image_grid
+
+SYNTHETIC_MANIFEST = "manifest.parquet"
+SYNTHETIC_IMAGES = "images.npy"
+SYNTHETIC_TOKENS = "tokens.npy"
+REQUIRED_COLUMNS = ("synthetic_id", "prompt_id", "kind", "text", "view", "terms", "source_dicom_id",
+                    *OBSERVATIONS)
+
+
+class EvaluateError(ValueError):
+    """An input the evaluation cannot use; the message names the file and the problem."""
+
+
+def _num(v: float | int | None, nd: int = 6) -> float | None:
+    """JSON-safe rounded number: None for None / NaN / inf."""
+    if v is None:
+        return None
+    v = float(v)
+    return round(v, nd) if math.isfinite(v) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """The synthesize stage's output: one manifest row per image, images (uint8 N x S x S) in row order, and their
+    token grids when synthesize wrote them."""
+
+    manifest: pd.DataFrame
+    images: np.ndarray
+    tokens: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.manifest) != len(self.images):
+            raise EvaluateError(f"synthetic manifest has {len(self.manifest)} rows but there are "
+                                f"{len(self.images)} images")
+        if self.tokens is not None and len(self.tokens) != len(self.images):
+            raise EvaluateError(f"{len(self.tokens)} token grids for {len(self.images)} synthetic images")
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.manifest[list(OBSERVATIONS)].to_numpy(dtype=np.float64)
+
+    @property
+    def texts(self) -> list[str]:
+        return [str(t) for t in self.manifest["text"]]
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+def load_synthetic(directory: str | Path) -> SyntheticSet:
+    """Read `<directory>/manifest.parquet`, `images.npy` (uint8 N x S x S) and `tokens.npy` if present."""
+    directory = Path(directory)
+    man_path, img_path = directory / SYNTHETIC_MANIFEST, directory / SYNTHETIC_IMAGES
+    for p in (man_path, img_path):
+        if not p.is_file():
+            raise EvaluateError(f"{p}: missing (run the synthesize stage)")
+    manifest = pd.read_parquet(man_path).reset_index(drop=True)
+    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise EvaluateError(f"{man_path}: missing columns {missing}")
+    images = np.load(img_path, allow_pickle=False)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise EvaluateError(f"{img_path}: expected uint8 N x S x S, got {images.dtype} {list(images.shape)}")
+    tokens = None
+    if (directory / SYNTHETIC_TOKENS).is_file():
+        tokens = np.load(directory / SYNTHETIC_TOKENS, allow_pickle=False)
+        if tokens.ndim != 3:
+            raise EvaluateError(f"{directory / SYNTHETIC_TOKENS}: expected N x H x W token grids, got "
+                                f"{list(tokens.shape)}")
+    return SyntheticSet(manifest, images, tokens)
+
+
+@dataclass(frozen=True)
+class RealSplit:
+    """One split of the ingested real data: images (uint8 N x S x S), label values, manifest rows in image order."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    rows: pd.DataFrame
+
+    def labeled(self) -> LabeledImages:
+        return LabeledImages(self.images, self.labels)
+
+
+def load_real(interim: str | Path, split: str) -> RealSplit:
+    """A split's images and manifest rows, row-aligned via `image_row`."""
+    manifest = pd.read_parquet(Path(interim) / "manifest.parquet")
+    rows = manifest[manifest.split == split].sort_values("image_row").reset_index(drop=True)
+    images = np.asarray(load_split(interim, split))
+    if len(rows) != len(images) or not (rows.image_row.to_numpy() == np.arange(len(images))).all():
+        raise EvaluateError(f"{interim}: manifest rows of split {split!r} do not match images_{split}.npy")
+    return RealSplit(images, rows[list(OBSERVATIONS)].to_numpy(dtype=np.float64), rows)
+
+
+def to_size(images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
+    """uint8 / [0, 1] images N x H x W -> float32 N x size x size in [0, 1] (the project's antialiased resize)."""
+    out = [resize(to_image_tensor(images[i:i + batch]), size)[:, 0].clamp(0.0, 1.0).numpy()
+           for i in range(0, len(images), batch)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, size, size), np.float32)
+
+
+def counterparts(synthetic: pd.DataFrame, real_test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(synthetic row indices, real test image rows) of the synthetic images made from a real test report whose
+    image is in the test split (matched by `source_dicom_id`)."""
+    where = {str(d): int(r) for d, r in zip(real_test.dicom_id, real_test.image_row)}
+    pairs = [(i, where[str(d)]) for i, d in enumerate(synthetic.source_dicom_id)
+             if isinstance(d, str) and str(d) in where]
+    if not pairs:
+        return np.zeros(0, int), np.zeros(0, int)
+    a, b = zip(*pairs)
+    return np.asarray(a, int), np.asarray(b, int)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fidelity
+
+def fidelity_block(real_test: Features, candidates: dict[str, Features], *, k: int, kid_subsets: int,
+                   kid_subset_size: int, seed: int, tag: str) -> dict:
+    """FID, KID, precision/recall/density/coverage of each candidate set against the real test features.
+
+    `candidates` maps a block name (e.g. `fidelity`, `floor`, `codebook_floor`) to features of one extractor; keys
+    are `<block>/<tag>/<metric>` plus `<block>/<tag>/extractor` (the extractor's full name)."""
+    out: dict = {}
+    for name, feats in candidates.items():
+        r = fidelity(real_test, feats, k=k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+        for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage"):
+            out[f"{name}/{tag}/{key}"] = _num(r[key])
+        out[f"{name}/{tag}/n"] = r["n_fake"]
+        out[f"{name}/{tag}/extractor"] = r["extractor"]
+    return out
+
+
+def subsample(n_total: int, n: int, seed: int) -> np.ndarray:
+    """Sorted seeded choice of min(n, n_total) indices out of n_total."""
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# semantic consistency
+
+def auroc_block(prefix: str, targets: np.ndarray, probs: np.ndarray, labels: Sequence[str], *, min_count: int,
+                n_boot: int, seed: int) -> tuple[dict, dict]:
+    """Per-label AUROC (`<prefix>/auroc/<label>`, None where a class is missing), positives, and the macro AUROC over
+    labels with >= min_count positives and negatives (`<prefix>/macro_auroc`, `<prefix>/macro_auroc_labels`).
+    targets: N x L of 1 / 0 / NaN (excluded)."""
+    per = per_label_auroc(targets, probs, labels, n_boot=n_boot, seed=seed)
+    macro, used = macro_auroc(per, min_count, min_count)
+    out: dict = {}
+    for j, name in enumerate(labels):
+        r = per.get(name)
+        out[f"{prefix}/auroc/{name}"] = _num(r.auroc, 4) if r else None
+        out[f"{prefix}/positives/{name}"] = int(np.nansum(targets[:, j] == 1.0))
+    out[f"{prefix}/macro_auroc"] = _num(macro, 4)
+    out[f"{prefix}/macro_auroc_labels"] = len(used)
+    return out, per
+
+
+def agreement(probs_a: np.ndarray, probs_b: np.ndarray, threshold: float = 0.5) -> dict:
+    """How closely two sets of classifier outputs on paired images agree: mean over labels of the Pearson
+    correlation across pairs (labels where either side is constant are left out), mean absolute difference of the
+    probabilities, and the share of (image, label) decisions at `threshold` that agree."""
+    a, b = np.asarray(probs_a, np.float64), np.asarray(probs_b, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"paired outputs must have one shape N x L, got {a.shape} and {b.shape}")
+    if len(a) == 0:
+        return {"corr": None, "mae": None, "decision": None, "corr_labels": 0}
+    rs = []
+    for j in range(a.shape[1]):
+        if len(a) > 2 and a[:, j].std() > 1e-9 and b[:, j].std() > 1e-9:
+            rs.append(float(np.corrcoef(a[:, j], b[:, j])[0, 1]))
+    return {"corr": _num(np.mean(rs)) if rs else None, "mae": _num(np.abs(a - b).mean()),
+            "decision": _num(((a >= threshold) == (b >= threshold)).mean()), "corr_labels": len(rs)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# alignment
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point (n >= 2): every text is paired with another image."""
+    if n < 2:
+        raise ValueError("shuffled pairs need at least 2 items")
+    while True:  # rejection: uniform over derangements, about e tries on average
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            break
+    return perm
+
+
+def alignment_block(score: Callable[[list[str], np.ndarray], np.ndarray], texts: Sequence[str], grids: np.ndarray,
+                    *, shuffles: int, seed: int, prefix: str = "alignment") -> dict:
+    """Mean fine-grained alignment of each text with its own image's tokens against the same texts with other
+    images' tokens (`shuffles` seeded derangements): matched mean, shuffled mean, their gap, and the win rate (share
+    of texts scoring higher with their own image than on average with the shuffled ones)."""
+    texts = list(texts)
+    keys = ("matched_mean", "shuffled_mean", "gap", "win_rate")
+    if len(texts) < 2:
+        return {**{f"{prefix}/{k}": None for k in keys}, f"{prefix}/n": len(texts)}
+    matched = np.asarray(score(texts, grids), np.float64)
+    rng = np.random.default_rng(seed)
+    shuffled = np.stack([np.asarray(score(texts, np.asarray(grids)[derangement(len(texts), rng)]), np.float64)
+                         for _ in range(max(1, shuffles))])
+    other = shuffled.mean(axis=0)
+    return {f"{prefix}/matched_mean": _num(matched.mean()), f"{prefix}/shuffled_mean": _num(other.mean()),
+            f"{prefix}/gap": _num(matched.mean() - other.mean()), f"{prefix}/win_rate": _num((matched > other).mean()),
+            f"{prefix}/n": len(texts)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# utility
+
+UTILITY_ARMS = ("real", "synthetic", "real_plus_synthetic")
+
+
+def utility_params(classifier: ClassifierParams, e: EvaluateParams) -> ClassifierParams:
+    """The classifier's params with the evaluation's budget (epochs, input size); the same for all three arms."""
+    epochs = e.utility_epochs or classifier.epochs
+    size = e.utility_input_size or classifier.input_size
+    return dataclasses.replace(classifier, epochs=epochs, input_size=size,
+                               warmup_epochs=min(classifier.warmup_epochs, float(epochs)))
+
+
+def rare_labels(train_labels: np.ndarray, test_targets: np.ndarray, labels: Sequence[str], n: int,
+                min_count: int) -> list[str]:
+    """The n labels with the fewest real training positives among those the test split can score (>= min_count
+    positives and negatives), rarest first (ties by name)."""
+    pos_train = (np.asarray(train_labels) == 1.0).sum(axis=0)
+    ok = [j for j in range(len(labels)) if np.nansum(test_targets[:, j] == 1) >= min_count
+          and np.nansum(test_targets[:, j] == 0) >= min_count]
+    return [labels[j] for j in sorted(ok, key=lambda j: (pos_train[j], labels[j]))[:n]]
+
+
+def utility_block(params: ClassifierParams, train: LabeledImages, synthetic: LabeledImages, validate: LabeledImages,
+                  test: LabeledImages, *, rare: int, min_count: int, seed: int, device: str = "cpu",
+                  progress: bool = True, arms: Sequence[str] = UTILITY_ARMS) -> dict:
+    """Train one classifier per arm (same params, seed and epochs), select on real validate, test on real test.
+
+    All images must already be at one side (`to_size`). Keys: `utility/<arm>/macro_auroc`, `.../auroc/<label>`,
+    `.../rare_macro_auroc` (over the `rare` rarest labels), `utility/rare_labels`, and the gains of
+    real + synthetic over real only."""
+    sets = {"real": train, "synthetic": synthetic,
+            "real_plus_synthetic": LabeledImages(np.concatenate([train.images, synthetic.images]),
+                                                 np.concatenate([train.labels, synthetic.labels]))}
+    truth = eval_targets(test.labels, params.blank_policy)
+    rare_names = rare_labels(train.labels, truth, OBSERVATIONS, rare, min_count)
+    out: dict = {"utility/epochs": params.epochs, "utility/input_size": params.input_size,
+                 "utility/rare_labels": ", ".join(rare_names)}
+    for arm in arms:
+        model, _ = fit(params, sets[arm], validate, seed=seed, device=device, progress=progress)
+        probs = model.cpu().predict(test.images)
+        block, per = auroc_block(f"utility/{arm}", truth, probs, OBSERVATIONS, min_count=min_count, n_boot=0,
+                                 seed=seed)
+        out.update({k: v for k, v in block.items() if "/positives/" not in k})
+        rare_vals = [per[n].auroc for n in rare_names if n in per]
+        out[f"utility/{arm}/rare_macro_auroc"] = _num(np.mean(rare_vals), 4) if rare_vals else None
+        out[f"utility/{arm}/n_train"] = len(sets[arm].images)
+    for key in ("macro_auroc", "rare_macro_auroc"):
+        a, b = out.get(f"utility/real_plus_synthetic/{key}"), out.get(f"utility/real/{key}")
+        out[f"utility/gain/{key}"] = _num(a - b, 4) if a is not None and b is not None else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# privacy
+
+def privacy_block(report: Memorization, test_to_train_feature: np.ndarray) -> dict:
+    """Near-copy rates and nearest-neighbour distances (`cxrsynth.eval.metrics.memorization`), with the real test
+    images' own median distance to the training set as the reference."""
+    s = report.summary()
+    out = {f"privacy/{k}": _num(v) if isinstance(v, float) else v for k, v in s.items()}
+    out["privacy/expected_near_copy_rate"] = _num(report.percentile / 100.0)
+    out["privacy/reference_median_nn_feature"] = _num(np.median(test_to_train_feature))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# phantom geometry
+
+def load_truth(path: str | Path) -> dict[str, dict]:
+    """The phantom sidecar as dicom_id -> {ctr, findings: [{kind, side}]} (only what the checks use)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                out[str(r["dicom_id"])] = {"ctr": r.get("ctr"), "view": r.get("view"),
+                                           "findings": [{"kind": x.get("kind"), "side": x.get("side")}
+                                                        for x in r.get("findings", [])]}
+    return out
+
+
+def effusion_asymmetry(image: np.ndarray) -> float:
+    """Basal density of the image-left hemithorax minus that of the image-right one (> 0: the patient's right base is
+    denser, as with a right pleural effusion on a frontal view).
+
+    The box spans the lower quarter of the lung fields down to just below them, from the lateral lung margin to 20%
+    of the thoracic width short of the midline, mirrored about the midline of the lung fields (`find_lungs`); if the
+    lungs cannot be found, fixed fractions of the image. Calibrated on the phantom's real images: the sign gives the
+    side of a one-sided effusion in about 80% of them at 64 px."""
+    img = np.asarray(image, np.float32)
+    if np.asarray(image).dtype == np.uint8:
+        img = img / 255.0
+    try:
+        lf = find_lungs(img)
+    except ValueError:
+        h, w = img.shape
+        y0, y1, x0, x1 = int(0.5 * h), int(0.85 * h), int(0.08 * w), int(0.42 * w)
+        return float(img[y0:y1, x0:x1].mean() - img[y0:y1, w - x1:w - x0].mean())
+    work, union = lf.image, lf.left | lf.right
+    ys, xs = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    y0, y1, x0, x1 = ys[0], ys[-1], xs[0], xs[-1]
+    mid, h, wd = (x0 + x1) / 2.0, y1 - y0, x1 - x0
+    ya, yb = int(y0 + 0.75 * h), int(min(work.shape[0], y1 + 0.15 * h))
+    xa, xb = int(x0), int(mid - 0.2 * wd)
+    if yb <= ya or xb <= xa:
+        return float("nan")
+    left = work[ya:yb, xa:xb].mean()
+    right = work[ya:yb, int(2 * mid - xb):int(2 * mid - xa)].mean()
+    return float(left - right)
+
+
+def one_sided_effusion(terms_json) -> str | None:
+    """'left' or 'right' when the prompt asks for a definite pleural effusion on exactly one side, else None."""
+    sides = {t.side for t in terms_from_json(terms_json) if "effusion" in t.pathology and t.certainty == "present"}
+    return next(iter(sides)) if len(sides) == 1 and sides <= {"left", "right"} else None
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    pos, neg = pos[np.isfinite(pos)], neg[np.isfinite(neg)]
+    if not len(pos) or not len(neg):
+        return None
+    from cxrsynth.eval.metrics import auroc
+
+    return auroc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
+
+
+def geometry_block(prefix: str, ctrs: np.ndarray, asked: np.ndarray, sides: Sequence[str | None],
+                   asymmetry: np.ndarray) -> dict:
+    """Cardiothoracic ratio by group (cardiomegaly asked / not asked: mean, share > 0.5, AUROC of the CTR as a
+    score, share unmeasurable) and the share of one-sided effusions whose denser base is on the asked side."""
+    ctrs, asked = np.asarray(ctrs, np.float64), np.asarray(asked, bool)
+    out: dict = {}
+    for name, m in (("asked", asked), ("not_asked", ~asked)):
+        v = ctrs[m & np.isfinite(ctrs)]
+        out[f"{prefix}/ctr_mean_{name}"] = _num(v.mean()) if len(v) else None
+        out[f"{prefix}/ctr_enlarged_rate_{name}"] = _num((v > 0.5).mean()) if len(v) else None
+        out[f"{prefix}/n_{name}"] = int(m.sum())
+    out[f"{prefix}/ctr_auroc"] = _num(_auc(ctrs[asked], ctrs[~asked]), 4)
+    out[f"{prefix}/ctr_unmeasurable_rate"] = _num((~np.isfinite(ctrs)).mean()) if len(ctrs) else None
+    want = np.array([{"right": 1.0, "left": -1.0}.get(s or "", np.nan) for s in sides])
+    asym = np.asarray(asymmetry, np.float64)
+    ok = np.isfinite(want) & np.isfinite(asym)
+    out[f"{prefix}/effusion_side_accuracy"] = _num((np.sign(asym[ok]) == want[ok]).mean()) if ok.any() else None
+    out[f"{prefix}/effusion_n"] = int(ok.sum())
+    return out
+
+
+def measure_geometry(images: np.ndarray, sides: Sequence[str | None], progress: bool = False) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
+    """(CTR per image, effusion asymmetry per image where a side is asked, else NaN)."""
+    from tqdm import tqdm
+
+    ctr = np.full(len(images), np.nan)
+    asym = np.full(len(images), np.nan)
+    for i in tqdm(range(len(images)), desc="geometry", disable=not progress, leave=False):
+        ctr[i] = measure_ctr(images[i])
+        if sides[i] is not None:
+            asym[i] = effusion_asymmetry(images[i])
+    return ctr, asym
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pictures
+
+def text_tile(text: str, tile: int = 160, chars: int | None = None) -> np.ndarray:
+    """A white uint8 tile with `text` wrapped in black (the prompt column of the sample grid)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    im = Image.new("L", (tile, tile), 255)
+    draw = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    lines = []
+    for para in str(text).splitlines():
+        lines += textwrap.wrap(para, chars or max(10, tile // 6)) or [""]
+    for k, line in enumerate(lines[: max(1, (tile - 4) // 11)]):
+        draw.text((3, 2 + 11 * k), line, fill=0, font=font)
+    return np.asarray(im)
+
+
+def sample_grid(synthetic: SyntheticSet, train_images: np.ndarray, nn_index: np.ndarray, nn_dist: np.ndarray,
+                rows: int, tile: int = 160):
+    """Rows of (prompt | synthetic image | nearest real training image in feature space), spread over the set."""
+    pick = np.unique(np.linspace(0, len(synthetic.images) - 1, num=min(rows, len(synthetic.images))).astype(int))
+    images, captions = [], []
+    for i in pick:
+        r = synthetic.manifest.iloc[i]
+        j = int(nn_index[i])
+        images += [text_tile(r["text"], tile), synthetic.images[i], train_images[j]]
+        captions += [f"prompt {r['prompt_id']} ({r['kind']}, {r['view']})", f"synthetic {r['synthetic_id']}",
+                     f"nearest train #{j} (feature d={nn_dist[i]:.3g})"]
+    return image_grid(images, captions, cols=3, tile=tile, caption_lines=2,
+                      title="prompt | synthetic | nearest real training image")
+
+
+def label_examples_grid(synthetic: SyntheticSet, probs: np.ndarray, real: RealSplit, real_images: np.ndarray,
+                        per_label: int, tile: int = 128):
+    """One row per label asked by some prompt: a real test image with that label, then synthetic images whose prompt
+    asks for it (highest first by the classifier's probability), captioned with that probability."""
+    labels = synthetic.labels
+    images, captions = [], []
+    for j, name in enumerate(OBSERVATIONS):
+        asked = np.flatnonzero(labels[:, j] == 1.0)
+        if not len(asked):
+            continue
+        real_pos = np.flatnonzero(real.labels[:, j] == 1.0)
+        if len(real_pos):
+            images.append(real_images[real_pos[0]])
+            captions.append(f"{name}: real test #{real_pos[0]}")
+        else:
+            images.append(np.zeros_like(synthetic.images[0]))
+            captions.append(f"{name}: no real test example")
+        chosen = asked[np.argsort(-probs[asked, j], kind="stable")][:per_label]
+        for i in chosen:
+            images.append(synthetic.images[i])
+            captions.append(f"{synthetic.manifest.iloc[i]['synthetic_id']} p={probs[i, j]:.2f}")
+        for _ in range(per_label - len(chosen)):
+            images.append(np.full_like(synthetic.images[0], 255))
+            captions.append("")
+    if not images:
+        images, captions = [np.full_like(synthetic.images[0], 255)], ["no prompt asks for any label"]
+    return image_grid(images, captions, cols=1 + per_label, tile=tile, caption_lines=2,
+                      title="per label: a real test example, then synthetic images whose prompt asks for it "
+                            "(p = classifier probability)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole evaluation
+
+@dataclass(frozen=True)
+class Pictures:
+    """Output PNG paths."""
+
+    roc: Path
+    samples: Path
+    label_examples: Path
+    closest_pairs: Path
+
+    @classmethod
+    def under(cls, metrics_dir: str | Path) -> Pictures:
+        d = Path(metrics_dir)
+        return cls(d / "evaluate_roc.png", d / "evaluate_samples.png", d / "evaluate_label_examples.png",
+                   d / "evaluate_closest_pairs.png")
+
+
+def synthetic_tokens(synthetic: SyntheticSet, vqgan) -> np.ndarray:
+    """The synthetic images' token grids: as written by synthesize, else re-encoded with the VQ-GAN."""
+    if synthetic.tokens is not None:
+        return np.asarray(synthetic.tokens)
+    return vqgan.tokenize(synthetic.images)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with n intra-op torch threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def codebook_ceiling(vqgan, tokens_dir: str | Path, models: str | Path, train_images: np.ndarray,
+                     rows: np.ndarray) -> np.ndarray:
+    """What a perfect token generator would draw: the VQ-GAN decoding of real training images' own token grids
+    (the token store the generator learned from; a fresh encoding if the store was made by other weights)."""
+    from cxrsynth.data.tokens import TokenStoreError, load_tokens
+
+    try:
+        grids = np.asarray(load_tokens(tokens_dir, "train", vqgan=Path(models) / "vqgan"))[rows]
+    except TokenStoreError:
+        return vqgan.reconstruct(train_images[rows])
+    return vqgan.decode_tokens(grids)
+
+
+def load_align(path: str | Path):
+    """The alignment model, or (None, reason) when it is not available."""
+    if not (Path(path) / "config.json").is_file():
+        return None, f"{path}: alignment model missing"
+    try:
+        from cxrsynth.models.align import AlignModel
+    except ImportError as e:  # pragma: no cover - only while the align stage is being written
+        return None, f"cxrsynth.models.align not importable ({e})"
+    return AlignModel.load(path), ""
+
+
+def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synthetic_dir: str | Path,
+                 interim: str | Path, tokens_dir: str | Path, models: str | Path, phantom: str | Path,
+                 pictures: Pictures, seed: int = 0, device: str = "cpu", progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict:
+    """Run every block on the pipeline's files and draw the pictures; returns the flat metrics dict."""
+    from cxrsynth.data.tokens import load_tokens
+    from cxrsynth.models.vqgan import VQGAN
+
+    t_start = time.perf_counter()
+    synthetic = load_synthetic(synthetic_dir)
+    real = {s: load_real(interim, s) for s in ("train", "validate", "test")}
+    size = e.compare_size or synthetic.size
+    real_small = {s: to_size(r.images, size) for s, r in real.items()}
+    synth_small = to_size(synthetic.images, size)
+    classifier = Classifier.load(Path(models) / "classifier")
+    vqgan = VQGAN.load(Path(models) / "vqgan")
+    blank, k_min = classifier_params.blank_policy, e.min_count
+    metrics: dict = {"n_synthetic": len(synthetic.images), "synthetic_size": synthetic.size, "compare_size": size,
+                     "n_real_train": len(real["train"].images), "n_real_test": len(real["test"].images)}
+    metrics.update({f"n_kind/{k}": int(v) for k, v in sorted(synthetic.manifest["kind"].value_counts().items())})
+    skipped: dict[str, str] = {}
+
+    # -- fidelity (+ the reference floors, same extractor, same images size) ---------------------------------------
+    extractors: list[tuple[str, FeatureExtractor]] = [("classifier", classifier.feature_extractor())]
+    if e.extra_extractor:
+        extractors.append(("extra", TorchScriptFeatures(e.extra_extractor, input_size=e.extra_extractor_input_size
+                                                         or None)))
+    floor_idx = subsample(len(real_small["train"]), len(synth_small) if e.floor_same_n else len(real_small["train"]),
+                          seed)
+    recon = to_size(codebook_ceiling(vqgan, tokens_dir, models, real_small["train"], floor_idx), size)
+    feats: dict[str, dict[str, Features]] = {}
+    for tag, ex in extractors:
+        f = {"test": extract(ex, real_small["test"]), "train": extract(ex, real_small["train"]),
+             "synthetic": extract(ex, synth_small), "recon": extract(ex, recon)}
+        feats[tag] = f
+        floor_train = Features(f["train"].values[floor_idx], f["train"].extractor)
+        with torch_threads(1):  # many tiny matrix products: extra threads only add synchronisation
+            metrics.update(fidelity_block(f["test"], {"fidelity": f["synthetic"], "floor": floor_train,
+                                                      "codebook_floor": f["recon"]},
+                                          k=e.prdc_k, kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size,
+                                          seed=seed, tag=tag))
+    log(f"evaluate: fidelity done ({time.perf_counter() - t_start:.0f} s)")
+
+    # -- semantic consistency -------------------------------------------------------------------------------------
+    probs = classifier.predict(synth_small)
+    targets = eval_targets(synthetic.labels, blank)
+    block, per = auroc_block("semantic", targets, probs, OBSERVATIONS, min_count=k_min, n_boot=e.bootstrap, seed=seed)
+    metrics.update(block)
+    save_roc_png(pictures.roc, LabeledImages(synthetic.images, synthetic.labels), probs, OBSERVATIONS, per, blank,
+                 title=f"classifier on synthetic images vs prompt labels: macro AUROC {block['semantic/macro_auroc']}"
+                       f" over {block['semantic/macro_auroc_labels']} labels", min_count=k_min)
+    s_idx, r_idx = counterparts(synthetic.manifest, real["test"].rows)
+    metrics["paired/n"] = len(s_idx)
+    real_targets = eval_targets(real["test"].labels[r_idx], blank)
+    real_probs = classifier.predict(real_small["test"][r_idx]) if len(r_idx) else np.zeros((0, len(OBSERVATIONS)))
+    pb, _ = auroc_block("paired", real_targets, probs[s_idx], OBSERVATIONS, min_count=k_min, n_boot=0, seed=seed)
+    metrics.update({k: v for k, v in pb.items() if "/positives/" not in k})
+    rb, _ = auroc_block("paired/real", real_targets, real_probs, OBSERVATIONS, min_count=k_min, n_boot=0, seed=seed)
+    metrics["paired/real_macro_auroc"] = rb["paired/real/macro_auroc"]
+    metrics.update({f"paired/agreement_{k}": v for k, v in agreement(probs[s_idx], real_probs).items()})
+    log(f"evaluate: semantic consistency done ({time.perf_counter() - t_start:.0f} s)")
+
+    # -- alignment ------------------------------------------------------------------------------------------------
+    align, why = load_align(Path(models) / "align")
+    keys_a = ("matched_mean", "shuffled_mean", "gap", "win_rate", "n")
+    if align is None:
+        skipped["alignment"] = why
+        metrics.update({f"{p}/{k}": None for p in ("alignment", "alignment/real") for k in keys_a})
+    else:
+        grids = synthetic_tokens(synthetic, vqgan)
+        score = lambda t, g: align.score(t, g)  # noqa: E731
+        metrics.update(alignment_block(score, synthetic.texts, grids, shuffles=e.alignment_shuffles, seed=seed))
+        real_grids = np.asarray(load_tokens(tokens_dir, "test"))[r_idx]
+        metrics.update(alignment_block(score, [synthetic.texts[i] for i in s_idx], real_grids,
+                                       shuffles=e.alignment_shuffles, seed=seed, prefix="alignment/real"))
+    log(f"evaluate: alignment done ({time.perf_counter() - t_start:.0f} s)")
+
+    # -- privacy --------------------------------------------------------------------------------------------------
+    f = feats["classifier"]
+    px = {"synthetic": pixel_vectors(synth_small), "train": pixel_vectors(real_small["train"]),
+          "test": pixel_vectors(real_small["test"])}
+    mem = memorization(f["synthetic"], f["train"], f["test"], px["synthetic"], px["train"], px["test"],
+                       percentile=e.near_copy_percentile)
+    _, test_nn = nearest(f["test"].values, f["train"].values)
+    metrics.update(privacy_block(mem, test_nn))
+    pictures.closest_pairs.parent.mkdir(parents=True, exist_ok=True)
+    closest_pairs_grid(mem, synth_small, real_small["train"], n=e.closest_pairs).save(pictures.closest_pairs)
+    sample_grid(synthetic, real_small["train"], mem.nn_feature, mem.dist_feature, e.sample_rows).save(pictures.samples)
+    label_examples_grid(synthetic, probs, real["test"], real_small["test"], e.label_examples).save(
+        pictures.label_examples)
+
+    # -- phantom geometry -----------------------------------------------------------------------------------------
+    truth_path = Path(phantom) / "ground_truth.jsonl"
+    gkeys = ("ctr_mean_asked", "ctr_mean_not_asked", "ctr_enlarged_rate_asked", "ctr_enlarged_rate_not_asked",
+             "n_asked", "n_not_asked", "ctr_auroc", "ctr_unmeasurable_rate", "effusion_side_accuracy", "effusion_n")
+    if not e.phantom_checks or not truth_path.is_file():
+        skipped["phantom"] = "phantom_checks off" if not e.phantom_checks else f"{truth_path}: no phantom ground truth"
+        metrics.update({f"{p}/{k}": None for p in ("phantom", "phantom/real") for k in gkeys})
+        metrics["phantom/paired_ctr_corr"] = None
+    else:
+        truth = load_truth(truth_path)
+        sides = [one_sided_effusion(t) for t in synthetic.manifest["terms"]]
+        ctr, asym = measure_geometry(synth_small, sides, progress)
+        metrics.update(geometry_block("phantom", ctr, synthetic.labels[:, OBSERVATIONS.index("Cardiomegaly")] == 1.0,
+                                      sides, asym))
+        recs = [truth.get(str(d), {"ctr": None, "findings": []}) for d in real["test"].rows.dicom_id]
+        r_kinds = [{x["kind"] for x in r["findings"]} for r in recs]
+        r_sides = []
+        for r in recs:
+            s = {x["side"] for x in r["findings"] if x["kind"] == "effusion"}
+            r_sides.append(next(iter(s)) if len(s) == 1 and s <= {"left", "right"} else None)
+        r_ctr, r_asym = measure_geometry(real_small["test"], r_sides, progress)
+        metrics.update(geometry_block("phantom/real", r_ctr, np.array(["cardiomegaly" in k for k in r_kinds]),
+                                      r_sides, r_asym))
+        true_ctr = np.array([np.nan if recs[j]["ctr"] is None else float(recs[j]["ctr"]) for j in r_idx])
+        ok = np.isfinite(true_ctr) & np.isfinite(ctr[s_idx]) if len(s_idx) else np.zeros(0, bool)
+        metrics["phantom/paired_ctr_corr"] = _num(np.corrcoef(ctr[s_idx][ok], true_ctr[ok])[0, 1]) \
+            if ok.sum() > 2 else None
+    log(f"evaluate: privacy and phantom geometry done ({time.perf_counter() - t_start:.0f} s)")
+
+    # -- utility --------------------------------------------------------------------------------------------------
+    if e.utility:
+        up = utility_params(classifier_params, e)
+        us = up.input_size
+        sized = {s: (real_small[s] if us == size else to_size(real[s].images, us)) for s in real}
+        syn = synth_small if us == size else to_size(synthetic.images, us)
+        metrics.update(utility_block(up, LabeledImages(sized["train"], real["train"].labels),
+                                     LabeledImages(syn, synthetic.labels),
+                                     LabeledImages(sized["validate"], real["validate"].labels),
+                                     LabeledImages(sized["test"], real["test"].labels), rare=e.rare_labels,
+                                     min_count=k_min, seed=seed, device=device, progress=progress))
+    else:
+        skipped["utility"] = "evaluate.utility is false"
+    log(f"evaluate: utility done ({time.perf_counter() - t_start:.0f} s)")
+
+    metrics.update({f"skipped/{k}": v for k, v in sorted(skipped.items())})
+    lineage = synthetic.manifest
+    for col in ("generator_sha256", "vqgan_sha256", "align_sha256"):
+        if col in lineage.columns and lineage[col].nunique() == 1:
+            metrics[f"lineage/{col}"] = str(lineage[col].iloc[0])[:16]
+    return metrics

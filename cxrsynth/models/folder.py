@@ -1,0 +1,68 @@
+"""Self-describing model folders: `config.json` (format, version, config, notes) + `model.safetensors`.
+
+Shared by every network of the project. Nothing is unpickled: weights are safetensors, metadata is JSON. A folder that
+is missing a file, is truncated or corrupted, or belongs to another model type raises `ModelFolderError` naming the
+offending file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and the reason."""
+
+
+def save_folder(module: torch.nn.Module, path: str | Path, fmt: str, version: int, meta: dict) -> Path:
+    """Write `meta` (plus format/version) as config.json and the module's state dict as model.safetensors."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    doc = {"format": fmt, "format_version": version, **meta}
+    (path / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    safetensors.torch.save_file(state, str(path / WEIGHTS), metadata={"format": fmt})
+    return path
+
+
+def read_meta(path: str | Path, fmt: str, version: int) -> dict:
+    """Read and check a folder's config.json (exists, valid JSON, right format and version)."""
+    cfg_file = Path(path) / CONFIG
+    if not cfg_file.is_file():
+        raise ModelFolderError(f"{cfg_file}: not a {fmt} folder (config.json missing)")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{cfg_file}: corrupted config ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ModelFolderError(f"{cfg_file}: format {got!r} is not {fmt!r}")
+    if meta.get("format_version") != version:
+        raise ModelFolderError(f"{cfg_file}: format_version {meta.get('format_version')!r} is not {version}")
+    return meta
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load model.safetensors of a folder; a missing, truncated or corrupted file raises ModelFolderError."""
+    w_file = Path(path) / WEIGHTS
+    if not w_file.is_file():
+        raise ModelFolderError(f"{w_file}: weights missing")
+    try:
+        return safetensors.torch.load_file(str(w_file))
+    except Exception as err:  # safetensors raises SafetensorError / OSError for damaged files
+        raise ModelFolderError(f"{w_file}: corrupted or truncated weights ({err})") from None
+
+
+def load_state(module: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a folder's weights into `module` strictly (a missing or unexpected weight is an error naming the file)."""
+    try:
+        module.load_state_dict(read_weights(path), strict=True)
+    except RuntimeError as err:
+        raise ModelFolderError(f"{Path(path) / WEIGHTS}: weights do not match the config ({err})") from None
+    return module

