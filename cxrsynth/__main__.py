@@ -110,6 +110,31 @@ def _lineage(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+@command("preset", "print the `dvc exp run -S ...` overrides of a named preset (e.g. real: MIMIC-CXR, paper settings)")
+def _preset_parser(ap: argparse.ArgumentParser) -> Runner:
+    from cxrsynth.presets import PRESETS
+
+    ap.add_argument("name", choices=sorted(PRESETS))
+    ap.add_argument("--yaml", action="store_true", help="print the overrides as YAML instead of -S flags")
+    ap.add_argument("--params", default="params.yaml", help="params file the preset is validated against")
+    return _preset
+
+
+def _preset(args: argparse.Namespace) -> int:
+    import shlex
+
+    import yaml
+
+    from cxrsynth.presets import PRESETS, check, set_flags
+
+    check(args.name, yaml.safe_load(Path(args.params).read_text(encoding="utf-8")))
+    if args.yaml:
+        print(yaml.safe_dump(PRESETS[args.name], sort_keys=False).rstrip())
+    else:
+        print(" ".join(shlex.quote(f) for f in set_flags(args.name)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cxrsynth", description="cxrsynth: text-to-chest-X-ray synthesis")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -120,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     from cxrsynth.keypatches import BankError
     from cxrsynth.lineage import LineageError
     from cxrsynth.models.generator import GeneratorError
+    from cxrsynth.config import ConfigError
     from cxrsynth.models.folder import ModelFolderError
     from cxrsynth.synthesis import SynthesisError
 
     try:
         return int(args._run(args) or 0)
-    except (SynthesisError, GeneratorError, ModelFolderError, BankError, LineageError, ValueError) as err:
+    except (SynthesisError, GeneratorError, ModelFolderError, BankError, LineageError, ConfigError, ValueError,
+            KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

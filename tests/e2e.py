@@ -87,7 +87,9 @@ def make_repo(dest: Path, overrides: dict = TINY) -> Path:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, dest / f)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny"]):
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "e2e"],
+                ["git", "config", "user.email", "e2e@cxrsynth.invalid"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "tiny"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env(), capture_output=True)
     return dest
 

@@ -281,6 +281,24 @@ def test_background_codes_are_masked_out_of_the_maps(toy_model):
     assert all(m[r, c] == m.min() for r, c in cells)
 
 
+def test_background_border_masks_the_cells_next_to_empty_film_and_the_grid_edge(toy_model):
+    model, _, _, val = toy_model
+    h, w = model.config.grid
+    g = np.asarray(val.grids[:1]).astype(np.int64).copy()
+    bg = int(g.max()) + 1 if int(g.max()) + 1 < model.config.codebook_size else 0
+    g[g == bg] = (bg + 1) % model.config.codebook_size
+    g[0, h // 2, 0] = bg  # one empty-film cell on the left edge
+    cfg = dataclasses.replace(model.config, background_codes=(bg,), background_border=1)
+    clone = AlignModel(cfg, model.text_encoder, model.tokenizer)
+    pm = clone.patch_mask(torch.as_tensor(g)).numpy().reshape(h, w)
+    expect = np.zeros((h, w), bool)
+    expect[1:-1, 1:-1] = True                    # the grid's edge ring is masked
+    expect[h // 2 - 1:h // 2 + 2, :2] = False    # and the empty cell's neighbours
+    assert (pm == expect).all()
+    plain = AlignModel(dataclasses.replace(cfg, background_border=0), model.text_encoder, model.tokenizer)
+    assert int((~plain.patch_mask(torch.as_tensor(g))).sum()) == 1
+
+
 def test_report_text_and_params():
     assert report_text(" Big  heart.\n", "Cardiomegaly.") == "FINDINGS: Big heart.\n\nIMPRESSION: Cardiomegaly."
     assert report_text(None, "", "Last para.") == "Last para."

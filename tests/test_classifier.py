@@ -17,15 +17,6 @@ from cxrsynth.text.chexpert import OBSERVATIONS
 NAN = np.nan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and stay fast when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(arch="resnet", **kw) -> Classifier:
     torch.manual_seed(0)
     return Classifier(ClassifierConfig(arch=arch, input_size=32, width=4, depth=(1, 1), **kw))

@@ -14,14 +14,6 @@ from cxrsynth.train import TrainConfig
 GRID, K = (4, 4), 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread (on a shared 2-core box, thread hand-offs cost more than the arithmetic)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TEXTS = ["FINDINGS: Moderate right pleural effusion.\n\nIMPRESSION: Right pleural effusion.",
          "FINDINGS: Severe cardiac enlargement.\n\nIMPRESSION: Cardiomegaly.",
          "FINDINGS: No acute process. Lungs are clear.",

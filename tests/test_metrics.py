@@ -11,15 +11,6 @@ from cxrsynth.eval.metrics import (ExtractorMismatch, auroc, closest_pairs_grid,
                                    pixel_vectors, prdc, roc_curve, same_extractor)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and stay fast when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def feats(values, name="identity") -> Features:
     return Features(np.asarray(values, dtype=np.float64), name)
 

@@ -7,25 +7,13 @@ import pytest
 import torch
 import yaml
 
+from images import blobs
+
 from cxrsynth.config import CodebookParams
 from cxrsynth.data.tokens import TokenStoreError, load_tokens, read_meta, tokens_file, write_tokens
 from cxrsynth.models.vqgan import VQGAN, fit, psnr, to_model_input, to_unit, weights_sha256
 
 SPLIT_SIZES = {"train": 40, "validate": 4, "test": 4}
-
-
-def blobs(n: int, size: int, seed: int) -> np.ndarray:
-    """uint8 images of a few smooth Gaussian blobs on a gradient (structured, learnable, distinct)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        img = 0.3 * yy + 0.1
-        for _ in range(3):
-            cy, cx, r, a = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25), rng.uniform(0.3, 0.6)
-            img = img + a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        out.append(np.clip(img, 0, 1))
-    return (np.stack(out) * 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

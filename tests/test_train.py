@@ -11,15 +11,6 @@ from cxrsynth.train import (EMA, EpochSampler, TrainConfig, autocast_context, la
                             lr_at, lr_factor, make_optimizer, make_scheduler, resolve_dtype, save_checkpoint,
                             seed_everything, train)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and stay fast when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 X = torch.linspace(-1, 1, 48 * 6).reshape(48, 6)
 Y = (X.sum(dim=1, keepdim=True) > 0).float()
 

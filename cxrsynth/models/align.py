@@ -226,6 +226,8 @@ class AlignConfig:
     temperature: float = 0.07
     global_weight: float = 0.0
     background_codes: tuple[int, ...] = ()  # codes of empty film (letterbox, corners): never patches of a finding
+    background_border: int = 0     # cells within this many cells of empty film or of the grid's edge are masked too
+                                   # (the body's outline and half-empty letterbox cells are no finding either)
     text_source: str = ""          # what the text encoder was made from (minilm | pretrained:<path> | scratch)
     text_frozen: bool = True
 
@@ -384,7 +386,11 @@ class AlignModel(nn.Module):
         if not self.config.background_codes:
             return None
         bg = torch.tensor(self.config.background_codes, device=grids.device)
-        return ~torch.isin(grids.reshape(grids.shape[0], -1).long(), bg)
+        empty = torch.isin(grids.long(), bg)                                      # B x H x W
+        r = int(self.config.background_border)
+        if r > 0:  # grow the empty film by r cells (outside the grid counts as empty): dilation = max pooling
+            empty = F.max_pool2d(F.pad(empty[:, None].float(), (r, r, r, r), value=1.0), 2 * r + 1, stride=1)[:, 0] > 0
+        return ~empty.reshape(grids.shape[0], -1)
 
     def forward(self, grids: torch.Tensor, attention_mask: torch.Tensor, word_mask: torch.Tensor,
                 hidden: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> dict:
@@ -699,7 +705,8 @@ def build_model(p, texts: Sequence[str], codebook: torch.Tensor, grid: tuple[int
                       text_hidden=hidden, embed_dim=p.embed_dim, patch_dim=p.patch_dim, patch_layers=p.patch_layers,
                       patch_heads=p.patch_heads, patch_window=p.patch_window, text_head_layers=p.text_head_layers,
                       text_head_heads=heads, max_length=p.max_length, temperature=p.temperature,
-                      global_weight=p.global_weight, background_codes=tuple(background), text_source=source,
+                      global_weight=p.global_weight, background_codes=tuple(background),
+                      background_border=1 if background else 0, text_source=source,
                       text_frozen=frozen)
     return AlignModel(cfg, encoder, tokenizer, codebook)
 
