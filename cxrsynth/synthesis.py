@@ -16,12 +16,18 @@ Outputs (`write_outputs`, the synthetic-output contract): `images/<synthetic_id>
 marking it synthetic: prompt id, seed, model hashes; no identifier of a real image), `images.npy` (uint8 N x S x S in
 manifest order), `manifest.parquet` (one row per image), `contact_sheet.png`, optional `dicom/<synthetic_id>.dcm`
 (fresh UIDs, ImageType DERIVED\\SECONDARY, series description saying synthetic, prompt and lineage in the header).
+
+The stage (`run_stage`) can be split over machines (`cxrsynth.shards`): its work list is the (prompt, sample) list, a
+shard samples only its range of it (each image has its own seed, so it equals the unsharded run's), and
+`merge_synthesis` rebuilds the outputs of an unsharded run byte for byte (metrics timings aside). A DICOM copy's UIDs
+come from a generator seeded by the image's seed, so they too do not depend on which images were made with it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -33,9 +39,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from cxrsynth.config import Params
 from cxrsynth.io import file_sha256
 from cxrsynth.keypatches import BANK_FILE, KeyPatch, terms_from_json, terms_of_text
 from cxrsynth.models.generator import Generator, folder_sha256, position_ids, report_text
+from cxrsynth.shards import ShardError, check_shards, digest, shard_range, write_shard
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 MANIFEST_COLUMNS = (["synthetic_id", "prompt_id", "sample", "kind", "text", "view", "terms", "key_patches", "seed",
@@ -253,6 +261,9 @@ class Synthesis:
     images: np.ndarray
     seconds: float
     sample_seconds: float
+    total: int = 0            # items of the whole (prompt, sample) list; rows are items [start, start + len(rows))
+    start: int = 0
+    work_sha256: str = ""     # hash of all the rows of the whole list (shards of one run agree on it)
 
 
 def model_hashes(generator_dir: str | Path, vqgan_dir: str | Path) -> dict:
@@ -276,8 +287,10 @@ def check_models(gen: Generator, vqgan, vqgan_sha256: str) -> None:
 
 
 def synthesize(gen: Generator, vqgan, prompts: Sequence[PromptRecord], sampling: Sampling, *, base_seed: int,
-               samples_per_prompt: int = 1, hashes: dict | None = None, progress: bool = True) -> Synthesis:
-    """Key patches, tokens and pixels for every (prompt, sample), plus the manifest rows (contract columns)."""
+               samples_per_prompt: int = 1, hashes: dict | None = None, progress: bool = True,
+               items: tuple[int, int] | None = None) -> Synthesis:
+    """Key patches, tokens and pixels for every (prompt, sample), plus the manifest rows (contract columns); with
+    `items` = (start, stop) only those items of the (prompt, sample) list (a shard)."""
     t0 = time.perf_counter()
     rows, encoded, seeds, views = [], [], [], []
     for p in prompts:
@@ -297,11 +310,14 @@ def synthesize(gen: Generator, vqgan, prompts: Sequence[PromptRecord], sampling:
             encoded.append(ids)
             seeds.append(seed)
             views.append(p.view)
+    start, stop = items if items is not None else (0, len(rows))
     t1 = time.perf_counter()
-    codes = sample_codes(gen, encoded, seeds, sampling, views=views, progress=progress, desc="synthesize")
+    codes = sample_codes(gen, encoded[start:stop], seeds[start:stop], sampling, views=views[start:stop],
+                         progress=progress, desc="synthesize")
     t2 = time.perf_counter()
     images = decode(vqgan, codes)
-    return Synthesis(rows, codes, images, time.perf_counter() - t0, t2 - t1)
+    return Synthesis(rows[start:stop], codes, images, time.perf_counter() - t0, t2 - t1, total=len(rows), start=start,
+                     work_sha256=digest(rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,29 +382,45 @@ def contact_sheet(images: np.ndarray, rows: Sequence[dict], n: int, title: str):
     return image_grid(list(images[:n]), caps, cols=6, tile=192, caption_lines=9, title=title)
 
 
-def write_outputs(out_dir: str | Path, syn: Synthesis, *, write_dicom: bool = False, sheet_images: int = 24,
-                  dicom_seed: int = 0, title: str = "synthetic chest X-rays") -> pd.DataFrame:
-    """PNGs, images.npy, manifest.parquet, contact_sheet.png (and dicom/) under out_dir; returns the manifest."""
+def write_images(out_dir: str | Path, rows: Sequence[dict], images: np.ndarray, *, write_dicom: bool = False,
+                 dicom_seed: int = 0) -> list[dict]:
+    """images/<synthetic_id>.png (and dicom/<synthetic_id>.dcm) under out_dir; returns the rows with `file` and
+    `png_sha256`. A DICOM's UIDs are drawn from a generator seeded by (dicom_seed, the image's seed)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    rng = np.random.default_rng([dicom_seed, 4242])
-    for row, img in zip(syn.rows, syn.images):
+    done = []
+    for row, img in zip(rows, images):
         row = {**row, "file": f"images/{row['synthetic_id']}.png"}
         write_png(out / row["file"], img, png_text(row))
         row["png_sha256"] = file_sha256(out / row["file"])
         if write_dicom:
+            rng = np.random.default_rng([dicom_seed, 4242, int(row["seed"])])
             write_dicom_copy(out / "dicom" / f"{row['synthetic_id']}.dcm", img, row, rng)
-        rows.append(row)
-    np.save(out / "images.npy", np.ascontiguousarray(syn.images, dtype=np.uint8), allow_pickle=False)
-    df = pd.DataFrame(rows)
+        done.append(row)
+    return done
+
+
+def write_outputs(out_dir: str | Path, syn: Synthesis, *, write_dicom: bool = False, sheet_images: int = 24,
+                  dicom_seed: int = 0, title: str = "synthetic chest X-rays") -> pd.DataFrame:
+    """PNGs, images.npy, manifest.parquet, contact_sheet.png (and dicom/) under out_dir; returns the manifest."""
+    rows = write_images(out_dir, syn.rows, syn.images, write_dicom=write_dicom, dicom_seed=dicom_seed)
+    return write_tables(out_dir, rows, syn.images, sheet_images=sheet_images, title=title)
+
+
+def write_tables(out_dir: str | Path, rows: Sequence[dict], images: np.ndarray, *, sheet_images: int = 24,
+                 title: str = "synthetic chest X-rays") -> pd.DataFrame:
+    """images.npy, manifest.parquet and contact_sheet.png under out_dir from the rows of `write_images`; returns the
+    manifest."""
+    out = Path(out_dir)
+    np.save(out / "images.npy", np.ascontiguousarray(images, dtype=np.uint8), allow_pickle=False)
+    df = pd.DataFrame(list(rows))
     cols = MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]
     df = df.reindex(columns=cols)
     df["sample"] = df["sample"].astype("int64")
     df["seed"] = df["seed"].astype("int64")
     df["source_study_id"] = df["source_study_id"].astype("float64")
     df.to_parquet(out / "manifest.parquet", index=False)
-    contact_sheet(syn.images, rows, sheet_images, title).save(out / "contact_sheet.png", optimize=False)
+    contact_sheet(images, rows, sheet_images, title).save(out / "contact_sheet.png", optimize=False)
     return df
 
 
@@ -417,3 +449,110 @@ def load_models(models_dir: str | Path, device: str | torch.device = "cpu") -> t
     return gen, vqgan, hashes
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the stage, whole or sharded
+
+def params_sha256(params: Params) -> str:
+    """What a shard's outputs depend on among the params: the synthesize section and the base seed."""
+    return digest({"synthesize": asdict(params.synthesize), "seed": params.base.seed})
+
+
+def _clear(out: Path) -> None:
+    for old in (out / "images", out / "dicom"):  # fixed names: stale files of an earlier run must not linger
+        if old.is_dir():
+            for f in old.iterdir():
+                f.unlink()
+
+
+def _metrics(params: Params, df: pd.DataFrame, codes: np.ndarray, images: np.ndarray, ctx: dict,
+             sample_seconds: float, seconds: float) -> dict:
+    p = params.synthesize
+    usage = code_usage(codes, ctx["codebook_size"])
+    n_prompts = ctx["prompts"]
+    with_kp = float((df.groupby("prompt_id")["n_key_patches"].first() > 0).mean()) if n_prompts else 0.0
+    return {"count": int(len(df)), "prompts": n_prompts, "prompt_source": p.prompt_source,
+            "samples_per_prompt": p.samples_per_prompt, "device": ctx["device"],
+            "images_per_second": round(len(df) / max(sample_seconds, 1e-9), 2),
+            "sample_seconds": round(sample_seconds, 2), "seconds": round(seconds, 2),
+            "prompts_with_key_patches": round(with_kp, 4),
+            "mean_key_patches": round(float(df["n_key_patches"].mean()), 3) if len(df) else 0.0,
+            "codes_used": usage["codes_used"], "code_usage": round(usage["usage"], 4),
+            "code_perplexity": round(usage["perplexity"], 2), "mean_pixel": round(float(np.mean(images)), 2),
+            **{k: v[:16] for k, v in ctx["hashes"].items()}}
+
+
+def run_stage(params: Params, out: str | Path, shard: tuple[int, int] | None = None) -> dict:
+    """The stage: models, prompts, images, outputs under `out`; returns the metrics. With shard = (I, N) only
+    shard I of the (prompt, sample) list, into the shard folder `out` (images/, dicom/, images.npy, codes.npy,
+    rows.json and shard.json, whose content it returns)."""
+    from cxrsynth.train import pick_device
+
+    p, paths = params.synthesize, params.paths
+    t0 = time.perf_counter()
+    device = pick_device(params.base.device)
+    if device.type == "cpu" and p.cpu_threads:
+        torch.set_num_threads(p.cpu_threads)
+    gen, vqgan, hashes = load_models(paths.models, device=device)
+    if p.prompt_source == "prompts":
+        prompts = prompts_from_parquet(pd.read_parquet(Path(paths.prompts) / "prompts.parquet"))
+    else:
+        prompts = prompts_from_reports(pd.read_parquet(Path(paths.interim) / "manifest.parquet"))
+    sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, guidance_scale=p.guidance_scale,
+                        batch_size=p.batch_size, dtype=p.dtype)
+    items = shard_range(len(prompts) * p.samples_per_prompt, *shard) if shard else None
+    torch.manual_seed(params.base.seed)
+    syn = synthesize(gen, vqgan, prompts, sampling, base_seed=params.base.seed,
+                     samples_per_prompt=p.samples_per_prompt, hashes=hashes, items=items)
+    out = Path(out)
+    _clear(out)
+    rows = write_images(out, syn.rows, syn.images, write_dicom=p.write_dicom, dicom_seed=params.base.seed)
+    ctx = {"prompts": len(prompts), "codebook_size": gen.layout.codebook_size, "device": device.type,
+           "hashes": hashes,
+           "title": f"synthetic chest X-rays ({p.prompt_source}; T={p.temperature}, top-k {p.top_k}, "
+                    f"top-p {p.top_p}, guidance {p.guidance_scale}; k={gen.layout.key_patches} key patches)"}
+    if shard is None:
+        df = write_tables(out, rows, syn.images, sheet_images=p.contact_sheet_images, title=ctx["title"])
+        return _metrics(params, df, syn.codes, syn.images, ctx, syn.sample_seconds, time.perf_counter() - t0)
+    np.save(out / "images.npy", np.ascontiguousarray(syn.images, dtype=np.uint8), allow_pickle=False)
+    np.save(out / "codes.npy", syn.codes, allow_pickle=False)
+    (out / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
+    return write_shard(out, "synthesize", shard[0], shard[1], syn.total, params_sha256=params_sha256(params),
+                       work_sha256=syn.work_sha256, **ctx, sample_seconds=syn.sample_seconds,
+                       seconds=time.perf_counter() - t0)
+
+
+def merge_synthesis(params: Params, folders: Sequence[str | Path], out: str | Path) -> dict:
+    """Merge the folders of shards 0..N-1 (any order) into the outputs of an unsharded run under `out`; returns the
+    metrics (sample_seconds and seconds summed over the shards, the merge's time added to seconds; device: the
+    shards' devices)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    shards = check_shards(folders, "synthesize", params_sha256(params), out=out)
+    _clear(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows, images, codes = [], [], []
+    for s in shards:
+        try:
+            part = json.loads((s.path / "rows.json").read_text(encoding="utf-8"))
+            imgs, cds = np.load(s.path / "images.npy"), np.load(s.path / "codes.npy")
+            if not len(part) == len(imgs) == len(cds) == s.stop - s.start:
+                raise ShardError(f"{s.name}: {len(part)} rows, {len(imgs)} images and {len(cds)} code grids for "
+                                 f"{s.stop - s.start} items")
+            for row in part:
+                shutil.copyfile(s.path / row["file"], out / row["file"])
+                if file_sha256(out / row["file"]) != row["png_sha256"]:
+                    raise ShardError(f"{s.name}: {row['file']} does not match its sha256 in rows.json")
+                if params.synthesize.write_dicom:
+                    name = f"dicom/{row['synthetic_id']}.dcm"
+                    (out / "dicom").mkdir(exist_ok=True)
+                    shutil.copyfile(s.path / name, out / name)
+        except FileNotFoundError as e:
+            raise ShardError(f"{s.name}: {e.filename} missing") from None
+        rows += part
+        images.append(imgs)
+        codes.append(cds)
+    images, codes = np.concatenate(images), np.concatenate(codes)
+    ctx = shards[0].extra | {"device": ",".join(sorted({s.extra["device"] for s in shards}))}
+    df = write_tables(out, rows, images, sheet_images=params.synthesize.contact_sheet_images, title=ctx["title"])
+    return _metrics(params, df, codes, images, ctx, sum(s.extra["sample_seconds"] for s in shards),
+                    sum(s.extra["seconds"] for s in shards) + time.perf_counter() - t0)

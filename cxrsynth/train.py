@@ -440,6 +440,22 @@ class _Curves:
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 
+def code_fingerprint(*objs: Any) -> str:
+    """Hash of the source files that define a run's trajectory: this loop and the modules defining each object's
+    type (or the function itself). A checkpoint of older code (finished or not) is then never resumed after an edit
+    to the model, its loss or the loop; a caller's run_id adds whatever else the run depends on."""
+    files = {Path(__file__).resolve()}
+    for obj in objs:
+        name = type(obj).__module__ if isinstance(obj, nn.Module) else getattr(obj, "__module__", None)
+        f = getattr(sys.modules.get(name or ""), "__file__", None)
+        if f and Path(f).is_file():
+            files.add(Path(f).resolve())
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: (f.name, f.read_bytes())):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if math.isnan(value):
         return False
@@ -466,7 +482,7 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     ctx = autocast_context(device, cfg.dtype)
-    fingerprint = cfg.fingerprint() + (f"-{cfg.run_id}" if cfg.run_id else "")
+    fingerprint = cfg.fingerprint() + f"-{code_fingerprint(model, loss_fn)}" + (f"-{cfg.run_id}" if cfg.run_id else "")
     out = Path(cfg.out_dir) if cfg.out_dir else None
 
     start, best_step, best, history, earlier_seconds = 0, None, None, [], 0.0

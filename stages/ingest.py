@@ -3,26 +3,50 @@
 Reads params.yaml (base.num_workers, paths.raw, paths.raw_jpg, paths.interim, ingest.*) and the dataset under
 paths.raw / paths.raw_jpg. Writes paths.interim/{manifest.parquet, rejected.parquet, images_<split>.npy,
 sample_grid.png} and metrics/ingest.json.
+
+Scale-out (cxrsynth.shards): `--shard I/N --out DIR` decodes only shard I of N into the shard folder DIR;
+`--merge DIR...` merges the folders of shards 0..N-1 into the outputs above (or `--out`, `--metrics`).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from cxrsynth.config import stage_params
-from cxrsynth.data.ingest import IngestError, ingest
+from cxrsynth.data.ingest import IngestError, ingest, ingest_shard, merge_ingest
 from cxrsynth.io import write_json
+from cxrsynth.shards import ShardError, parse_shard
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--shard", metavar="I/N", help="process only shard I of N (needs --out)")
+    mode.add_argument("--merge", nargs="+", metavar="DIR", help="merge the folders of shards 0..N-1")
+    ap.add_argument("--out", help="output folder (default paths.interim; the shard folder with --shard)")
+    ap.add_argument("--metrics", help="metrics file (default <paths.metrics>/ingest.json)")
+    args = ap.parse_args(argv)
     params = stage_params()
+    out = args.out or params.paths.interim
     try:
-        metrics = ingest(params.ingest, params.paths.raw, params.paths.raw_jpg, params.paths.interim,
-                         workers=params.base.num_workers)
-    except IngestError as e:
+        if args.shard is not None:
+            index, count = parse_shard(args.shard)
+            if not args.out:
+                raise ShardError("--shard needs --out DIR (the shard folder)")
+            info = ingest_shard(params.ingest, params.paths.raw, params.paths.raw_jpg, out,
+                                workers=params.base.num_workers, index=index, count=count)
+            print(f"ingest shard {index}/{count}: candidates [{info['start']}, {info['stop']}) of {info['n']} -> {out}")
+            return
+        if args.merge:
+            metrics = merge_ingest(params.ingest, args.merge, out)
+        else:
+            metrics = ingest(params.ingest, params.paths.raw, params.paths.raw_jpg, out,
+                             workers=params.base.num_workers)
+    except (IngestError, ShardError) as e:
         print(f"ingest error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    write_json(Path(params.paths.metrics) / "ingest.json", metrics)
+    write_json(args.metrics or Path(params.paths.metrics) / "ingest.json", metrics)
     print(f"ingest: read {metrics['read']} = accepted {metrics['accepted']} + rejected {metrics['rejected']} "
           f"({metrics['rejected_by_reason']}); {metrics['images_per_second']} images/s")
 

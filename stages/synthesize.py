@@ -7,65 +7,51 @@ Writes `<synthetic>/`: `images/<synthetic_id>.png`, `images.npy` (uint8 N x S x 
 `manifest.parquet` (one row per image: prompt, terms, labels, key patches, seed, sampling params, model hashes),
 `contact_sheet.png` (prompts beside their images), optional `dicom/`; and `<metrics>/synthesize.json` (count, images
 per second, time, share of prompts with key patches, code usage).
+
+Scale-out (cxrsynth.shards): `--shard I/N --out DIR` makes only shard I of N of the (prompt, sample) list, into the
+shard folder DIR; `--merge DIR...` merges the folders of shards 0..N-1 into the outputs above (or `--out`,
+`--metrics`).
 """
 from __future__ import annotations
 
-import time
+import argparse
+import sys
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
 
 from cxrsynth.config import stage_params
 from cxrsynth.io import write_json
-from cxrsynth.synthesis import (Sampling, code_usage, load_models, prompts_from_parquet, prompts_from_reports,
-                                synthesize, write_outputs)
-from cxrsynth.train import pick_device
+from cxrsynth.shards import ShardError, parse_shard
+from cxrsynth.synthesis import merge_synthesis, run_stage
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.synthesize", description=__doc__.split("\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--shard", metavar="I/N", help="make only shard I of N (needs --out)")
+    mode.add_argument("--merge", nargs="+", metavar="DIR", help="merge the folders of shards 0..N-1")
+    ap.add_argument("--out", help="output folder (default paths.synthetic; the shard folder with --shard)")
+    ap.add_argument("--metrics", help="metrics file (default <paths.metrics>/synthesize.json)")
+    args = ap.parse_args(argv)
     params = stage_params()
-    p, paths = params.synthesize, params.paths
-    t0 = time.perf_counter()
-    device = pick_device(params.base.device)
-    if device.type == "cpu" and p.cpu_threads:
-        torch.set_num_threads(p.cpu_threads)
-    gen, vqgan, hashes = load_models(paths.models, device=device)
-    if p.prompt_source == "prompts":
-        prompts = prompts_from_parquet(pd.read_parquet(Path(paths.prompts) / "prompts.parquet"))
-    else:
-        prompts = prompts_from_reports(pd.read_parquet(Path(paths.interim) / "manifest.parquet"))
-    sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, guidance_scale=p.guidance_scale,
-                        batch_size=p.batch_size, dtype=p.dtype)
-    torch.manual_seed(params.base.seed)
-    syn = synthesize(gen, vqgan, prompts, sampling, base_seed=params.base.seed,
-                     samples_per_prompt=p.samples_per_prompt, hashes=hashes)
-    out = Path(paths.synthetic)
-    for old in (out / "images", out / "dicom"):  # fixed names: stale files of an earlier run must not linger
-        if old.is_dir():
-            for f in old.iterdir():
-                f.unlink()
-    df = write_outputs(out, syn, write_dicom=p.write_dicom, sheet_images=p.contact_sheet_images,
-                       dicom_seed=params.base.seed,
-                       title=f"synthetic chest X-rays ({p.prompt_source}; T={p.temperature}, top-k {p.top_k}, "
-                             f"top-p {p.top_p}, guidance {p.guidance_scale}; k={gen.layout.key_patches} key patches)")
-    usage = code_usage(syn.codes, gen.layout.codebook_size)
-    n_prompts = len(prompts)
-    with_kp = float((df.groupby("prompt_id")["n_key_patches"].first() > 0).mean()) if n_prompts else 0.0
-    metrics = {"count": int(len(df)), "prompts": n_prompts, "prompt_source": p.prompt_source,
-               "samples_per_prompt": p.samples_per_prompt, "device": device.type,
-               "images_per_second": round(len(df) / max(syn.sample_seconds, 1e-9), 2),
-               "sample_seconds": round(syn.sample_seconds, 2), "seconds": round(time.perf_counter() - t0, 2),
-               "prompts_with_key_patches": round(with_kp, 4),
-               "mean_key_patches": round(float(df["n_key_patches"].mean()), 3) if len(df) else 0.0,
-               "codes_used": usage["codes_used"], "code_usage": round(usage["usage"], 4),
-               "code_perplexity": round(usage["perplexity"], 2), "mean_pixel": round(float(np.mean(syn.images)), 2),
-               **{k: v[:16] for k, v in hashes.items()}}
-    write_json(Path(paths.metrics) / "synthesize.json", metrics)
-    print(f"synthesize: {len(df)} images from {n_prompts} prompts ({p.prompt_source}) in {metrics['seconds']} s "
-          f"({metrics['images_per_second']} images/s sampling), {100 * with_kp:.0f}% of prompts with key patches, "
-          f"{usage['codes_used']}/{gen.layout.codebook_size} codes used -> {out}")
+    out = args.out or params.paths.synthetic
+    try:
+        if args.shard is not None:
+            shard = parse_shard(args.shard)
+            if not args.out:
+                raise ShardError("--shard needs --out DIR (the shard folder)")
+            info = run_stage(params, out, shard=shard)
+            print(f"synthesize shard {shard[0]}/{shard[1]}: images [{info['start']}, {info['stop']}) of "
+                  f"{info['n']} -> {out}")
+            return
+        metrics = merge_synthesis(params, args.merge, out) if args.merge else run_stage(params, out)
+    except ShardError as e:
+        print(f"synthesize error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    write_json(args.metrics or Path(params.paths.metrics) / "synthesize.json", metrics)
+    print(f"synthesize: {metrics['count']} images from {metrics['prompts']} prompts ({metrics['prompt_source']}) in "
+          f"{metrics['seconds']} s ({metrics['images_per_second']} images/s sampling), "
+          f"{100 * metrics['prompts_with_key_patches']:.0f}% of prompts with key patches, "
+          f"{metrics['codes_used']} codes used ({100 * metrics['code_usage']:.0f}% of the codebook) -> {out}")
 
 
 if __name__ == "__main__":

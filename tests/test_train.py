@@ -129,6 +129,45 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path):
     assert result.resumed_from == 4  # finished run of the same params: nothing left to do
 
 
+MODEL_SOURCE = """
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
+
+def test_checkpoint_of_other_code_is_not_resumed(tmp_path, monkeypatch):
+    """A finished checkpoint must not be handed back after an edit to the model's source (same params)."""
+    import importlib
+    import sys
+
+    (tmp_path / "tiny_model_mod.py").write_text(MODEL_SOURCE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def run(out: str):
+        sys.modules.pop("tiny_model_mod", None)
+        mod = importlib.import_module("tiny_model_mod")
+        seed_everything(0)
+        return train(mod.Tiny(), loss_fn, batches, cfg(out_dir=out, max_steps=4))
+
+    out = str(tmp_path / "ckpt")
+    assert run(out).resumed_from == 0
+    assert run(out).resumed_from == 4          # same code, same params: the finished run is reused
+    (tmp_path / "tiny_model_mod.py").write_text(MODEL_SOURCE.replace("nn.Linear(6, 1)", "nn.Linear(6, 1, bias=True)"),
+                                                encoding="utf-8")
+    assert run(out).resumed_from == 0          # the model's code changed: train again
+    assert run(out).resumed_from == 4
+    sys.modules.pop("tiny_model_mod", None)
+
+
 def test_checkpoint_files_are_safetensors_and_json_and_round_trip(tmp_path):
     c = cfg()
     model = make_net()

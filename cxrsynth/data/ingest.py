@@ -5,13 +5,17 @@ Reads: the record/study lists (DICOM layout) or the metadata table (JPG layout),
 Writes: `manifest.parquet` (one row per accepted image, row i of its split's array), `images_<split>.npy` (uint8,
 N x S x S, memory-mappable), `rejected.parquet` (every listed image that was not used, with the reason), a sample
 grid PNG, and returns the metrics. Nothing from a DICOM header but pixels is kept, so no identifier can leak.
+
+Sharded (`ingest_shard`, `merge_ingest`; see `cxrsynth.shards`): every shard runs `collect` (tables, reports,
+redaction: cheap and global) and decodes its range of the candidate table; the merge rebuilds the outputs of an
+unsharded run byte for byte (metrics timings aside).
 """
 from __future__ import annotations
 
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from tqdm import tqdm
 from cxrsynth.config import IngestParams
 from cxrsynth.data import dicom
 from cxrsynth.data.layout import CSV_NAMES, HEADERS, REPORTS_ZIP, SPLITS, image_path, report_path
+from cxrsynth.shards import ShardError, check_shards, digest, shard_range, write_shard
 from cxrsynth.text.chexpert import OBSERVATIONS
 from cxrsynth.text.deid import redact
 from cxrsynth.text.sections import section_report
@@ -239,34 +244,28 @@ def _decode_all(jobs: list, workers: int) -> Iterator[tuple[np.ndarray | None, s
         yield from ex.map(_decode, jobs, chunksize=8)
 
 
-def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: str | Path, workers: int) -> dict:
-    """Run the whole stage; returns metrics. Outputs go to `out` (see module docstring)."""
-    root, jpg_root, out = Path(root), Path(jpg_root), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    cand = collect(params, root, jpg_root)
-    src_root = root if params.source == "dicom" else jpg_root
-    df = cand.table
-    keep = np.zeros(len(df), bool)
-    rows = np.full(len(df), -1, np.int64)
+def _decode_range(df: pd.DataFrame, start: int, stop: int, src_root: Path, params: IngestParams, out: Path,
+                  workers: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """Decode rows [start, stop) of the candidate table; writes the accepted images, in table order, to
+    out/images_<split>.npy and returns per row: accepted, rejection reason, detail."""
+    part = df.iloc[start:stop]
+    ok = np.zeros(len(part), bool)
+    reasons, details = [""] * len(part), [""] * len(part)
     size = params.image_size
-    t_decode = time.perf_counter()
     for split_name in SPLITS:
-        idx = np.flatnonzero(df.split.to_numpy() == split_name)
+        idx = np.flatnonzero(part.split.to_numpy() == split_name)
         tmp = out / f".images_{split_name}.tmp.npy"
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(idx), size, size))
-        jobs = [(str(src_root / df.path.iat[i]), params.source, params.voi, size, params.resize) for i in idx]
+        jobs = [(str(src_root / part.path.iat[i]), params.source, params.voi, size, params.resize) for i in idx]
         n = 0
         results = _decode_all(jobs, workers)
         for i, (img, reason, detail) in zip(idx, tqdm(results, total=len(jobs), desc=f"ingest {split_name}",
                                                      unit="img")):
             if img is None:
-                r = df.iloc[i]
-                cand.rejected.append({"subject_id": r.subject_id, "study_id": r.study_id, "dicom_id": r.dicom_id,
-                                      "path": r.path, "reason": reason, "detail": detail})
+                reasons[i], details[i] = reason, detail
                 continue
             arr[n] = img
-            keep[i], rows[i] = True, n
+            ok[i] = True
             n += 1
         arr.flush()
         final = np.lib.format.open_memmap(out / f"images_{split_name}.npy", mode="w+", dtype=np.uint8,
@@ -275,20 +274,35 @@ def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: st
         final.flush()
         del arr, final
         tmp.unlink()
-    decode_s = time.perf_counter() - t_decode
-    manifest = df[keep].assign(image_row=rows[keep]).reset_index(drop=True)
+    return ok, reasons, details
+
+
+def _finish(params: IngestParams, cand: Candidates, ok: np.ndarray, reasons: Sequence[str], details: Sequence[str],
+            out: Path) -> dict:
+    """Manifest, rejected records, checks and grid from the decode outcome of every candidate (images already in
+    out/images_<split>.npy); returns the metrics without timings."""
+    df = cand.table
+    rejected_rows = list(cand.rejected)
+    rows = np.full(len(df), -1, np.int64)
+    for split_name in SPLITS:  # decode failures in the order of an unsharded run: split by split, table order
+        in_split = df.split.to_numpy() == split_name
+        rows[in_split & ok] = np.arange(int((in_split & ok).sum()))
+        for i in np.flatnonzero(in_split & ~ok):
+            r = df.iloc[i]
+            rejected_rows.append({"subject_id": r.subject_id, "study_id": r.study_id, "dicom_id": r.dicom_id,
+                                  "path": r.path, "reason": reasons[i], "detail": details[i]})
+    manifest = df[ok].assign(image_row=rows[ok]).reset_index(drop=True)
     manifest = manifest[["subject_id", "study_id", "dicom_id", "split", "view", "path", "image_row",
                          *OBSERVATIONS, *SECTION_COLUMNS, "report"]]
     for c in ("subject_id", "study_id"):
         manifest[c] = manifest[c].astype(np.int64)
     manifest.to_parquet(out / "manifest.parquet", index=False)
-    rejected = _reject_frame(cand.rejected).sort_values(["reason", "path"]).reset_index(drop=True)
+    rejected = _reject_frame(rejected_rows).sort_values(["reason", "path"]).reset_index(drop=True)
     rejected.to_parquet(out / "rejected.parquet", index=False)
     _assert_disjoint(manifest)
     if len(manifest) + len(rejected) != cand.read:
         raise AssertionError(f"read {cand.read} != accepted {len(manifest)} + rejected {len(rejected)}")
     _grid(manifest, out, params.grid_images)
-    decoded = int(len(df))
     return {
         "read": cand.read, "accepted": int(len(manifest)), "rejected": int(len(rejected)),
         "rejected_by_reason": dict(sorted(Counter(rejected.reason).items())),
@@ -296,9 +310,102 @@ def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: st
         "accepted_by_view": dict(sorted(Counter(manifest.view).items())),
         "studies": int(manifest.study_id.nunique()), "patients": int(manifest.subject_id.nunique()),
         "reports_redacted": cand.reports_redacted, "redactions": cand.redactions,
-        "images_per_second": round(decoded / decode_s, 2) if decode_s > 0 else None,
-        "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _rate(decoded: int, seconds: float) -> float | None:
+    return round(decoded / seconds, 2) if seconds > 0 else None
+
+
+def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: str | Path, workers: int) -> dict:
+    """Run the whole stage; returns metrics. Outputs go to `out` (see module docstring)."""
+    root, jpg_root, out = Path(root), Path(jpg_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cand = collect(params, root, jpg_root)
+    src_root = root if params.source == "dicom" else jpg_root
+    t_decode = time.perf_counter()
+    ok, reasons, details = _decode_range(cand.table, 0, len(cand.table), src_root, params, out, workers)
+    decode_s = time.perf_counter() - t_decode
+    metrics = _finish(params, cand, ok, reasons, details, out)
+    return metrics | {"images_per_second": _rate(len(cand.table), decode_s),
+                      "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shards (cxrsynth.shards): the work list is the candidate table after `collect`, in its order
+
+def _work_sha256(cand: Candidates) -> str:
+    return digest([cand.table.to_dict(orient="split"), cand.rejected, cand.read, cand.redactions,
+                   cand.reports_redacted])
+
+
+def ingest_shard(params: IngestParams, root: str | Path, jpg_root: str | Path, out: str | Path, workers: int,
+                 index: int, count: int) -> dict:
+    """Shard index/count: `collect` as usual, decode only the shard's rows of the candidate table. Writes to `out`:
+    images_<split>.npy (its accepted images), work.parquet (its rows with their outcome), shard 0 also
+    collect_rejected.parquet (records rejected by `collect`), and shard.json (returned)."""
+    root, jpg_root, out = Path(root), Path(jpg_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cand = collect(params, root, jpg_root)
+    n = len(cand.table)
+    start, stop = shard_range(n, index, count)
+    src_root = root if params.source == "dicom" else jpg_root
+    t_decode = time.perf_counter()
+    ok, reasons, details = _decode_range(cand.table, start, stop, src_root, params, out, workers)
+    decode_s = time.perf_counter() - t_decode
+    cand.table.iloc[start:stop].assign(_accepted=ok, _reason=reasons, _detail=details).to_parquet(
+        out / "work.parquet", index=False)
+    if index == 0:
+        _reject_frame(cand.rejected).to_parquet(out / "collect_rejected.parquet", index=False)
+    return write_shard(out, "ingest", index, count, n, params_sha256=digest(params), work_sha256=_work_sha256(cand),
+                       read=cand.read, redactions=cand.redactions, reports_redacted=cand.reports_redacted,
+                       decode_seconds=round(decode_s, 3), seconds=round(time.perf_counter() - t0, 3))
+
+
+def merge_ingest(params: IngestParams, folders: Sequence[str | Path], out: str | Path) -> dict:
+    """Merge the folders of shards 0..N-1 (any order) into the outputs of an unsharded run under `out`; returns the
+    metrics (images_per_second: all shards' decoded images over their summed decode time; seconds: the shards'
+    summed time plus the merge's)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    shards = check_shards(folders, "ingest", digest(params), out=out)
+    try:
+        parts = [pd.read_parquet(s.path / "work.parquet") for s in shards]
+        collected = pd.read_parquet(shards[0].path / "collect_rejected.parquet").to_dict(orient="records")
+        arrays = {sp: [np.load(s.path / f"images_{sp}.npy", mmap_mode="r") for s in shards] for sp in SPLITS}
+    except FileNotFoundError as e:
+        raise ShardError(f"shard folder incomplete: {e.filename} missing") from None
+    for s, part in zip(shards, parts):
+        if len(part) != s.stop - s.start:
+            raise ShardError(f"{s.name}: work.parquet holds {len(part)} rows, its range {s.stop - s.start}")
+    table = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
+    ok = table.pop("_accepted").to_numpy(bool)
+    reasons, details = table.pop("_reason").tolist(), table.pop("_detail").tolist()
+    first = shards[0].extra
+    cand = Candidates(table, collected, first["read"], first["redactions"], first["reports_redacted"])
+    out.mkdir(parents=True, exist_ok=True)
+    size = params.image_size
+    for split_name in SPLITS:
+        for s, part, a in zip(shards, parts, arrays[split_name]):
+            want = int(((part.split == split_name) & part._accepted).sum())
+            if a.shape != (want, size, size):
+                raise ShardError(f"{s.name}: images_{split_name}.npy has shape {a.shape}, expected "
+                                 f"{(want, size, size)}")
+        final = np.lib.format.open_memmap(out / f"images_{split_name}.npy", mode="w+", dtype=np.uint8,
+                                          shape=(sum(len(a) for a in arrays[split_name]), size, size))
+        at = 0
+        for a in arrays[split_name]:
+            final[at:at + len(a)] = a
+            at += len(a)
+        final.flush()
+        del final
+    del arrays
+    metrics = _finish(params, cand, ok, reasons, details, out)
+    decode_s = sum(s.extra["decode_seconds"] for s in shards)
+    return metrics | {"images_per_second": _rate(len(table), decode_s),
+                      "seconds": round(sum(s.extra["seconds"] for s in shards) + time.perf_counter() - t0, 2)}
 
 
 def _assert_disjoint(manifest: pd.DataFrame) -> None:
