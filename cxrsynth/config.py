@@ -333,8 +333,11 @@ class AlignParams:
     dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = _opt(False, doc="torch.compile the model")
     eval_every: int = _opt(100, lo=1, hi=10_000_000, doc="validation retrieval (mean R@5 selects the weights)")
+    checkpoint_every: int = _opt(50, lo=1, hi=100_000_000, doc="resumable checkpoint interval (steps)")
     bank_size: int = _opt(16, lo=1, hi=4096, doc="key patches kept per bank key")
     bank_min_support: int = _opt(3, lo=1, hi=100000, doc="training images a bank key needs")
+    bank_rule: str = _opt("both", choices=("shift", "text", "both"), doc="bank score map: patch-embedding shift "
+                          "of the key's images | their query-similarity difference | both (cxrsynth.models.align)")
     pointing_k: int = _opt(5, lo=1, hi=256, doc="top-k cells of the pointing game (metric only; the generator has "
                                                 "its own k)")
     heatmap_examples: int = _opt(2, lo=0, hi=20, doc="validate examples per finding in metrics/align_heatmaps.png")

@@ -167,11 +167,14 @@ class KeyPatchBank:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise BankError(f"{path}: corrupted bank ({err})") from None
-        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise BankError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file")
         try:
+            grid, codebook_size = tuple(int(x) for x in doc["grid"]), int(doc["codebook_size"])
             entries = {key: [KeyPatch(int(e["code"]), int(e["row"]), int(e["col"]), float(e["score"]), str(e["term"]))
                              for e in items] for key, items in doc["entries"].items()}
-        except (KeyError, TypeError, ValueError) as err:
-            raise BankError(f"{path}: malformed entry ({err})") from None
-        return cls(tuple(doc["grid"]), int(doc["codebook_size"]), entries, doc.get("meta", {}))
+            return cls(grid, codebook_size, entries, doc.get("meta", {}))
+        except BankError as err:  # an entry outside the grid / codebook
+            raise BankError(f"{path}: {err}") from None
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+            raise BankError(f"{path}: malformed entry ({type(err).__name__}: {err})") from None

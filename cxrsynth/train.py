@@ -496,6 +496,8 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
             loaded = load_checkpoint(ckpt, model, optimizer, scheduler, restore_rng=not info.enabled, ema=ema)
             start = loaded["step"]
             best_step, best, history = meta.get("best_step"), meta.get("best_metric"), meta.get("history", [])
+            if info.is_main:
+                print(f"{cfg.desc}: resuming from step {start} of {cfg.max_steps} ({ckpt})", file=sys.stderr)
             earlier_seconds = float(meta.get("seconds", 0.0))
     if out is not None and start == 0:  # a fresh run: no stale checkpoint or best model may survive
         for name in ("last", "last.old", "last.tmp", "best", "best.tmp"):
@@ -545,6 +547,8 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
             stop["signal"] = signum
         old_handler = signal.signal(signal.SIGTERM, on_term)
 
+    # interrupt tests slow every step down (seconds), so that a signal can land mid-run; never set otherwise
+    step_delay = float(os.environ.get("CXRSYNTH_STEP_DELAY", "0") or 0)
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.desc, disable=not (cfg.progress and info.is_main),
                dynamic_ncols=True, file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -587,6 +591,8 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
             if info.enabled:
                 torch.distributed.barrier()
             bar.update(1)
+            if step_delay > 0:
+                time.sleep(step_delay)
             if stop["signal"] and not last:
                 bar.close()
                 curves.close()

@@ -5,6 +5,7 @@ ingest.resize, align), `<interim>/manifest.parquet` (reports: findings + impress
 `<tokens>/tokens_<split>.npy` (checked against `<models>/vqgan`), `<models>/vqgan/` (the frozen codebook), and when
 present the phantom's `<phantom>/ground_truth.jsonl` (finding regions for the pointing game).
 Writes:
+- `<models>/align_checkpoints/`: resumable training state (a killed run resumes from it);
 - `<models>/align/`: config.json + model.safetensors (heads, patch encoder with the codebook, temperature),
   `text_encoder/` (BERT + tokenizer) and `bank.json` (the `cxrsynth.keypatches.KeyPatchBank` the generator uses);
 - `<metrics>/align.json`: validate retrieval Recall@1/5/10 both ways against chance, the pointing game per finding
@@ -60,9 +61,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         model, result = fit(p, train_pairs, validate, codebook, seed=params.base.seed, device=params.base.device,
-                            live_dir=p.live_dir, workdir=work)
+                            live_dir=p.live_dir, workdir=work, out_dir=Path(paths.models) / "align_checkpoints")
         model.bank = build_bank(model, train_pairs.texts, train_pairs.grids, size=p.bank_size,
-                                min_support=p.bank_min_support)
+                                min_support=p.bank_min_support, rule=p.bank_rule)
         out = model.save(Path(paths.models) / "align", extra={
             "vqgan": {"path": vqgan_dir.as_posix(), "weights_sha256": sha},
             "training": {"steps": result.step, "best_step": result.best_step,

@@ -31,7 +31,7 @@ TINY = {
                  "codebook_size": 64, "steps": 12, "batch_size": 4, "warmup_steps": 2, "eval_every": 6,
                  "checkpoint_every": 6, "disc_start": 6, "grid_images": 4},
     "align": {"text_encoder": "scratch", "scratch_vocab_size": 300, "scratch_hidden": 32, "scratch_layers": 1,
-              "steps": 8, "batch_size": 8, "warmup_steps": 2, "eval_every": 4, "embed_dim": 32, "patch_dim": 32,
+              "steps": 8, "batch_size": 8, "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 4, "embed_dim": 32, "patch_dim": 32,
               "patch_layers": 1, "heatmap_examples": 1, "bank_min_support": 1},
     "generator": {"d_model": 32, "n_layers": 1, "n_heads": 2, "text_vocab_size": 300, "steps": 8, "batch_size": 4,
                   "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 4},
@@ -63,7 +63,8 @@ def env(block_network: bool = False, tmp: Path | None = None) -> dict:
     e.update({"PATH": f"{Path(sys.executable).parent}:{e.get('PATH', '/usr/bin:/bin')}", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0", "GIT_AUTHOR_NAME": "e2e",
               "GIT_AUTHOR_EMAIL": "e2e@cxrsynth.invalid", "GIT_COMMITTER_NAME": "e2e",
-              "GIT_COMMITTER_EMAIL": "e2e@cxrsynth.invalid", "DVC_NO_ANALYTICS": "1"})
+              "GIT_COMMITTER_EMAIL": "e2e@cxrsynth.invalid", "DVC_NO_ANALYTICS": "1",
+              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # one thread per stage: two runs share two cores
     if block_network:
         assert tmp is not None
         site = tmp / "netblock"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxrsynth.config import AlignParams, ConfigError, params_from_dict
-from cxrsynth.keypatches import KeyPatchBank
+from cxrsynth.keypatches import KeyPatchBank, terms_of_text
 from cxrsynth.models.align import (AlignModel, Pairs, PointingCase, basic_words, build_bank, contrastive_loss,
                                    filip_similarity, fit, load_text_encoder, pointing_metrics, region_cells,
                                    report_text, retrieval_metrics, top_positions, wordpiece_vocab)
@@ -79,7 +79,9 @@ def tiny_bert(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
     vocab = wordpiece_vocab([" ".join(WORDS) + " . ,"], 200)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, unk_token="[UNK]",
+                            pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    assert len(tok) == len(vocab)
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=32, max_position_embeddings=64), add_pooling_layer=False)
@@ -98,10 +100,24 @@ def test_text_encoder_loads_from_a_local_folder_without_network(tiny_bert, monke
     monkeypatch.setattr(socket, "create_connection", no_network)
     enc, tok = load_text_encoder(path)
     ids = tok(["there is a right pleural effusion ."], return_tensors="pt")
+    assert tok.unk_token_id not in ids["input_ids"][0].tolist()  # the saved vocabulary, not [UNK] everywhere
     with torch.no_grad():
         assert torch.equal(enc(**ids).last_hidden_state, ref(**ids).last_hidden_state)
     with pytest.raises(ValueError, match="config.json missing"):
         load_text_encoder(path / "nowhere")
+
+
+def test_scratch_tokenizer_uses_its_vocabulary(tmp_path):
+    from cxrsynth.models.align import scratch_text_encoder
+
+    texts = ["Right pleural effusion.", "No pneumothorax; heart enlarged."]
+    enc, tok = scratch_text_encoder(texts, vocab_size=80, hidden=16, layers=1, heads=2, max_length=32,
+                                    workdir=tmp_path)
+    ids = tok(["right pleural effusion"])["input_ids"][0]
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "right", "pleural", "effusion", "[SEP]"]
+    assert enc.config.vocab_size == len(tok)
+    unseen = tok(["heal"])["input_ids"][0][1:-1]  # a word outside the vocabulary: its characters, not [UNK]
+    assert tok.unk_token_id not in unseen and tok.convert_ids_to_tokens(unseen) == ["h", "##e", "##a", "##l"]
 
 
 def test_wordpiece_vocab_is_deterministic_and_covers_every_character():
@@ -189,6 +205,20 @@ def test_bank_and_key_patches_are_deterministic_and_follow_the_findings(toy_mode
     assert model.key_patches("FINDINGS: The lungs are clear.", 3) == []  # no positive term: no clue
 
 
+@pytest.mark.parametrize("rule", ["shift", "text"])
+def test_every_bank_rule_finds_the_findings_places(toy_model, rule):
+    model, _, train, _ = toy_model
+    bank = build_bank(model, train.texts, train.grids, size=4, min_support=2, rule=rule)
+    assert bank.meta["rule"] == rule
+    for text, (code, cells) in KINDS.items():
+        if code is None:
+            continue
+        kps = bank.select(terms_of_text(text), 3)
+        assert sum((kp.row, kp.col) in cells for kp in kps) >= 2, (rule, text, kps)
+    with pytest.raises(ValueError, match="bank rule"):
+        build_bank(model, train.texts, train.grids, rule="nearest")
+
+
 def test_save_load_round_trip(toy_model, tmp_path):
     model, _, _, val = toy_model
     model.save(tmp_path / "align")
@@ -263,6 +293,12 @@ def test_pointing_metrics_against_area_share():
     assert m["pointing/image/pneumothorax"] == 0.5 and m["pointing/bank/pneumothorax"] == 1.0
     assert m["pointing/area_share/pneumothorax"] == 0.125 and m["pointing/ratio/pneumothorax"] == 4.0
     assert json.dumps(m)  # plain JSON
+    # the bank ratio's bootstrap interval: one case -> no spread; a hit and a miss -> the interval spans both
+    assert m["pointing/ratio_bank_lo/pneumothorax"] == m["pointing/ratio_bank_hi/pneumothorax"] == 8.0
+    miss = PointingCase("pneumothorax", 1, cells, None, [], [(3, 3)])
+    m = pointing_metrics([case, miss], k=4)
+    assert m["pointing/ratio_bank/pneumothorax"] == 4.0
+    assert m["pointing/ratio_bank_lo/pneumothorax"] == 0.0 and m["pointing/ratio_bank_hi/pneumothorax"] == 8.0
 
 
 def test_background_codes_are_masked_out_of_the_maps(toy_model):

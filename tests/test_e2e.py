@@ -12,7 +12,10 @@ import gzip
 import io
 import json
 import re
+import shutil
+import signal
 import stat
+import subprocess
 import sys
 import time
 import zipfile
@@ -22,7 +25,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from e2e import dvc, make_repo, run
+from e2e import dvc, env, make_repo, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -67,9 +70,14 @@ def pipeline(tmp: Path, name: str, block_network: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
     tmp = tmp_path_factory.mktemp("e2e")
-    a = pipeline(tmp, "run a", block_network=False)
-    b = pipeline(tmp, "run b", block_network=True)
+    # the two runs are independent processes trees: run them side by side (each stage uses one thread)
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(pipeline, tmp, "run a", block_network=False)
+        fb = pool.submit(pipeline, tmp, "run b", block_network=True)
+        a, b = fa.result(), fb.result()
     yield a, b
     for p in (b["repo"] / "data" / "raw").rglob("*"):  # let pytest clean up
         p.chmod(p.stat().st_mode | stat.S_IWUSR)
@@ -228,3 +236,46 @@ def test_queued_experiments_run_in_the_background(runs):
     dvc(repo, "queue", "stop", "--kill", block_network=True, tmp=tmp, check=False)
     show = dvc(repo, "exp", "show", "--md", "--all-commits", block_network=True, tmp=tmp).stdout
     assert "topk" in show
+
+
+# training stage -> (model folder under models/, signal): each is killed mid-run and re-run
+KILLED = (("codebook", "vqgan", signal.SIGKILL), ("classifier", "classifier", signal.SIGTERM),
+          ("align", "align", signal.SIGKILL), ("generator", "generator", signal.SIGTERM))
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "last" / "state.json").read_text())["step"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _folder_bytes(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_killed_training_stages_resume_and_finish(runs, tmp_path):
+    """Every training stage, killed (SIGKILL or SIGTERM) after its first checkpoint, resumes from it on the next run,
+    finishes, and writes exactly the model of the uninterrupted run (single process, CPU)."""
+    repo = tmp_path / "killed run"
+    shutil.copytree(runs[0]["repo"], repo, symlinks=True)
+    for stage, model, sig in KILLED:
+        want = _folder_bytes(repo / "models" / model)
+        ckpt = repo / "models" / f"{model}_checkpoints"
+        shutil.rmtree(ckpt)  # start over, slowed down so that the signal lands mid-run
+        proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=repo, text=True,
+                                env={**env(), "CXRSYNTH_STEP_DELAY": "0.5"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while _checkpoint_step(ckpt) == 0 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL), (stage, err[-2000:])
+        stopped = _checkpoint_step(ckpt)
+        assert stopped > 0, stage
+        res = run(repo, sys.executable, "-m", f"stages.{stage}")
+        assert f"resuming from step {stopped} " in res.stderr, (stage, res.stderr[-2000:])
+        got = _folder_bytes(repo / "models" / model)
+        assert got.keys() == want.keys(), stage
+        assert [k for k in want if got[k] != want[k]] == [], stage

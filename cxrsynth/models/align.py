@@ -15,13 +15,14 @@ over the patches. Padding, special tokens ([CLS], [SEP]) and punctuation are mas
 CLIP/FILIP), plus optionally the CLIP loss of the mean-pooled embeddings (`global_weight`).
 
 Key patches: a prompt has no image, so its key patches come from a `cxrsynth.keypatches.KeyPatchBank` built after
-training (`build_bank`): for every finding mentioned (present or uncertain) in a training report, the word-to-patch
-similarity map of the finding's words over that report's own image is z-scored over the grid; the maps are averaged
-per bank key (`pathology|anatomy`, `pathology`, `anatomy`, the keys `term_keys` gives the report's terms), and the
-mean of all findings' maps is subtracted (cells every finding word lights up, such as the body's outline, are no
-clue to any one finding); the best-scoring grid positions become the key's entries, each with the code seen most (similarity-weighted) at that
-position. Training the generator (terms of the image's own report) and synthesis (terms of the prompt) then both call
-`bank.select(terms, k)`, so nothing is read from the target image.
+training (`build_bank`) by differential alignment: each bank key (`pathology|anatomy`, `pathology`, `anatomy`, the
+keys `term_keys` gives a report's present and uncertain terms) has a query vector (its finding words' mean contextual
+embedding); every training image's patch-similarity map to it is z-scored over the grid, and the key's score map is
+the mean over the images whose report has the key minus the mean over the other images. Cells every chest lights up
+cancel; cells the finding adds remain. A pair key adds the maps of its pathology and its anatomy, so a rare
+combination borrows its place from the anatomy. The best-scoring positions become the key's entries, each with the
+code its images hold there most often. Training the generator (terms of the image's own report) and synthesis
+(terms of the prompt) then both call `bank.select(terms, k)`, so nothing is read from the target image.
 
 A saved model is a folder: `config.json` + `model.safetensors` (heads, patch encoder with the codebook, temperature),
 `text_encoder/` (the BERT and its tokenizer, `save_pretrained` format) and `bank.json`. Loading never touches the
@@ -78,20 +79,31 @@ def minilm_path() -> Path:
 
 
 def load_text_encoder(path: str | Path):
-    """(BertModel-like encoder, fast tokenizer) from a local folder; never the network. Errors name the folder."""
+    """(BertModel-like encoder, fast tokenizer) from a local folder; never the network, never a pickle (safetensors
+    weights only). Errors (`folder.ModelFolderError`, a ValueError) name the damaged file, or else the folder."""
     tf = _transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a transformers model folder (config.json missing)")
+        raise folder.ModelFolderError(f"{path}: not a transformers model folder (config.json missing)")
+    folder.check_files(path)  # a truncated / corrupted JSON or safetensors file, named, before transformers reads it
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        raise folder.ModelFolderError(f"{path / 'tokenizer.json'}: tokenizer missing (a fast tokenizer, tokenizer.json "
+                                      "or vocab.txt, is needed for word offsets)")
+    kw = dict(local_files_only=True, use_safetensors=True, output_loading_info=True)
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
-        encoder = tf.AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
-    except TypeError:  # a model class without a pooler argument
-        encoder = tf.AutoModel.from_pretrained(str(path), local_files_only=True)
-    except OSError as err:
-        raise ValueError(f"{path}: cannot load the text encoder ({str(err).splitlines()[0]})") from None
+        try:
+            encoder, info = tf.AutoModel.from_pretrained(str(path), add_pooling_layer=False, **kw)
+        except TypeError:  # a model class without a pooler argument
+            encoder, info = tf.AutoModel.from_pretrained(str(path), **kw)
+    except Exception as err:
+        raise folder.ModelFolderError(f"{path}: cannot load the text encoder ({folder.one_line(err)})") from err
+    if info.get("missing_keys"):  # transformers would re-initialise them silently
+        raise folder.ModelFolderError(f"{path / folder.WEIGHTS}: weights missing from the file: "
+                                      f"{sorted(info['missing_keys'])[:5]}")
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{path}: a fast tokenizer (tokenizer.json or vocab.txt) is needed for word offsets")
+        raise folder.ModelFolderError(f"{path}: a fast tokenizer (tokenizer.json or vocab.txt) is needed for word "
+                                      "offsets")
     return encoder.eval(), tokenizer
 
 
@@ -131,8 +143,13 @@ def scratch_text_encoder(texts: Sequence[str], *, vocab_size: int, hidden: int, 
     workdir.mkdir(parents=True, exist_ok=True)
     vocab = wordpiece_vocab(texts, vocab_size)
     (workdir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = tf.BertTokenizerFast(vocab_file=str(workdir / "vocab.txt"), do_lower_case=True,
-                                     model_max_length=max_length)
+    # the vocabulary is passed as a mapping: recent `transformers` ignore `vocab_file=` here and would build a
+    # tokenizer of the five special tokens only (every word [UNK]); `test_scratch_tokenizer_uses_its_vocabulary`
+    tokenizer = tf.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True,
+                                     unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                     mask_token="[MASK]", model_max_length=max_length)
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(f"scratch tokenizer has {len(tokenizer)} tokens, expected {len(vocab)}")
     cfg = tf.BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=max_length,
                         pad_token_id=vocab.index("[PAD]"))
@@ -539,7 +556,7 @@ class AlignModel(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> AlignModel:
         path = Path(path)
         meta = folder.read_meta(path, FORMAT, FORMAT_VERSION)
-        cfg = AlignConfig.from_dict(meta["config"])
+        cfg = folder.read_config(path, meta, AlignConfig.from_dict)
         encoder, tokenizer = load_text_encoder(path / TEXT_DIR)
         bank = KeyPatchBank.load(path) if (path / "bank.json").is_file() else None
         model = cls(cfg, encoder, tokenizer, bank=bank)
@@ -570,51 +587,155 @@ def zscore(m: np.ndarray) -> np.ndarray:
     return (m - m.mean()) / max(float(m.std()), 1e-6)
 
 
+def _key_queries(model: AlignModel, texts: Sequence[str], batch_size: int
+                 ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Per bank key: the training images whose report mentions it (present or uncertain, one entry per image) and
+    its query vector, the L2-normalised mean contextual embedding of the finding's words over those reports (for an
+    anatomy key too: on the phantom, the anatomy phrase's own words localized worse)."""
+    support: dict[str, list[int]] = {}
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        tb, emb = model._text(chunk)
+        for j, text in enumerate(chunk):
+            i = start + j
+            spans = finding_spans(text)
+            for term in terms_of_text(text):
+                if term.certainty == "absent" or term.pathology not in spans:
+                    continue
+                path = [k for k, (a, b) in enumerate(tb.offsets[j]) if bool(tb.word_mask[j, k])
+                        and any(a < s1 and b > s0 for s0, s1 in spans[term.pathology])]
+                if not path:
+                    continue
+                for key in term_keys(term):
+                    if support.get(key) and support[key][-1] == i:  # one entry per image and key
+                        continue
+                    e = emb[j, path].float().mean(0).cpu()
+                    support.setdefault(key, []).append(i)
+                    sums[key] = sums[key] + e if key in sums else e.clone()
+    return support, {k: F.normalize(v, dim=0) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def _query_maps(model: AlignModel, grids: np.ndarray, queries: torch.Tensor, batch_size: int):
+    """Yield (first row, maps B x K x H x W, patches B x HW x D): each image's patch similarity to each query, empty
+    film set to the map's minimum, z-scored over the grid (so every image weighs the same); and its L2-normalised
+    patch embeddings, empty film set to 0."""
+    h, w = model.config.grid
+    q = queries.to(model.device)
+    for start in range(0, len(grids), batch_size):
+        g = model._grids(grids[start:start + batch_size])
+        p = F.normalize(model.embed_patches(g).float(), dim=-1)
+        s = torch.einsum("bpd,kd->bkp", p, q)
+        pm = model.patch_mask(g)
+        if pm is not None:
+            s = torch.where(pm[:, None, :], s, s.amin(-1, keepdim=True))
+            p = p * pm[:, :, None]
+        s = (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
+        yield start, s.reshape(len(g), -1, h, w).double().cpu().numpy(), p.double().cpu().numpy()
+
+
+BANK_RULES = ("shift", "text", "both")
+
+
 def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, size: int = 16,
-               min_support: int = 3, batch_size: int = 32) -> KeyPatchBank:
-    """The key-patch bank from training pairs (see the module docstring). Keys with fewer than `min_support`
-    supporting images are left out; each key keeps its `size` best positions."""
+               min_support: int = 3, rule: str = "both", batch_size: int = 64) -> KeyPatchBank:
+    """The key-patch bank from training pairs: where the trained model's patches change when a report mentions a
+    term, with pair keys composed from their parts.
+
+    1. Every bank key (`pathology|anatomy`, `pathology`, `anatomy`: `term_keys` of the present and uncertain terms of
+       each training report) gets its supporting images (whose report mentions it) and a query vector, its finding
+       words' mean contextual embedding (`_key_queries`).
+    2. A key's score map over the grid, by `rule`:
+       - `shift`: per cell, the distance between the mean (L2-normalised, empty film = 0) patch embedding of its
+         supporting images and that of the other training images: where the images whose report names the term
+         differ, in the aligned patch space, from the others;
+       - `text`: per cell, the mean over the supporting images minus the mean over the others of each image's
+         patch-to-query similarity map (z-scored over its grid): the same difference seen through the term's words;
+       - `both`: the sum of the two, each standardised over the grid.
+       Cells every chest shows alike (outline, heart, the anatomy a word always lights up) score nothing; what the
+       finding adds remains.
+    3. A key with at least `min_support` images has a map of its own. A pair key seen in training scores a cell by
+       the sum of the grid-standardised maps of itself (when supported), its pathology and its anatomy (those that
+       are supported): a rare combination borrows its place from the anatomy and its look from the pathology. Keys
+       with nothing supported are left out.
+    4. The `size` best cells become the key's entries, each with the code its supporting images (the pathology's
+       too, for a pair) hold there most often, weighted by how much each image's query map lights that cell.
+    Streams over the images (two passes), so the memory does not grow with the training set."""
+    if rule not in BANK_RULES:
+        raise ValueError(f"bank rule must be one of {BANK_RULES}, got {rule!r}")
     h, w = model.config.grid
     grids = np.asarray(grids)
-    acc: dict[str, list[tuple[int, np.ndarray]]] = {}
-    every: list[np.ndarray] = []  # every finding map, whatever its key: the generic part all keys share
-    for i, (tb, row, sims) in enumerate(model.token_maps(texts, grids, batch_size)):
-        spans = finding_spans(texts[i])
-        for term in terms_of_text(texts[i]):
-            if term.certainty == "absent" or term.pathology not in spans:
-                continue
-            m = span_map(tb, row, sims, spans[term.pathology])
-            if m is None:
-                continue
-            z = zscore(m)
-            every.append(z)
-            for key in term_keys(term):
-                if not any(j == i for j, _ in acc.get(key, [])):  # one map per image and key
-                    acc.setdefault(key, []).append((i, z))
-    # cells every finding word lights up (the body's outline, soft tissue) are no clue to any one finding: a key
-    # scores a cell by how much more its maps light it than the mean map of all findings does
-    base = np.mean(every, 0) if every else np.zeros((h, w))
-    entries, support = {}, {}
-    for key, items in sorted(acc.items()):
-        if len(items) < min_support:
+    n = len(grids)
+    was = model.training
+    model.eval()
+    support, query = _key_queries(model, texts, batch_size)
+    keys = sorted(support)
+    if not keys or n < 2:
+        model.train(was)
+        return KeyPatchBank((h, w), model.config.codebook_size, {}, {"support": {}, "min_support": min_support,
+                                                                      "size": size, "rule": rule})
+    member = np.zeros((n, len(keys)), bool)
+    for k, key in enumerate(keys):
+        member[support[key], k] = True
+    q = torch.stack([query[key] for key in keys])
+    total = np.zeros((len(keys), h, w))
+    inside = np.zeros((len(keys), h, w))
+    emb_total: np.ndarray | None = None
+    emb_inside: np.ndarray | None = None
+    for start, maps, patches in _query_maps(model, grids, q, batch_size):
+        m = member[start:start + len(maps)].astype(np.float64)
+        total += maps.sum(0)
+        inside += np.einsum("bk,bkhw->khw", m, maps)
+        e_in = np.einsum("bk,bpd->kpd", m, patches)
+        emb_total = patches.sum(0) if emb_total is None else emb_total + patches.sum(0)
+        emb_inside = e_in if emb_inside is None else emb_inside + e_in
+    n_in = member.sum(0).astype(np.float64)
+    n_out = np.maximum(n - n_in, 1.0)
+    maps_of = {}
+    if rule in ("text", "both"):
+        maps_of["text"] = inside / n_in[:, None, None] - (total - inside) / n_out[:, None, None]
+    if rule in ("shift", "both"):
+        gap = emb_inside / n_in[:, None, None] - (emb_total[None] - emb_inside) / n_out[:, None, None]
+        maps_of["shift"] = np.linalg.norm(gap, axis=-1).reshape(len(keys), h, w)
+    own = {key: zscore(sum(zscore(mp[k]) for mp in maps_of.values())) for k, key in enumerate(keys)
+           if len(support[key]) >= min_support}
+
+    scores: dict[str, np.ndarray] = {}
+    voters: dict[str, list[int]] = {}
+    for key in keys:
+        parts = [key] if "|" not in key else [key, *key.split("|", 1)]
+        used = [x for x in parts if x in own]
+        if not used:
             continue
-        zs = np.stack([z for _, z in items])                      # n x H x W
-        codes = np.stack([grids[i] for i, _ in items]).astype(np.int64)
-        mean = zs.mean(0) - base
-        order = sorted(range(h * w), key=lambda q: (-float(mean.flat[q]), q))[:size]
-        kps = []
-        for q in order:
-            r, c = divmod(q, w)
-            weight = np.maximum(zs[:, r, c], 0.0) + 1e-3
-            votes = np.bincount(codes[:, r, c], weights=weight, minlength=model.config.codebook_size)
-            kps.append(KeyPatch(int(np.argmax(votes)), r, c, round(float(mean[r, c]), 6), key))
-        entries[key] = kps
-        support[key] = len(items)
+        scores[key] = np.sum([own[x] for x in used], 0)
+        voters[key] = sorted(set(support[key]) | (set(support[parts[1]]) if len(parts) > 1 and parts[1] in support
+                                                  else set()))
+    # the entries' codes: second pass over the voting images, weighted by their own map at each chosen cell
+    chosen = {key: sorted(range(h * w), key=lambda c: (-float(sc.flat[c]), c))[:size] for key, sc in scores.items()}
+    votes = {key: np.zeros((len(cells), model.config.codebook_size)) for key, cells in chosen.items()}
+    voting: dict[int, list[str]] = {}
+    for key in sorted(voters):
+        for i in voters[key]:
+            voting.setdefault(i, []).append(key)
+    need = sorted(voting)
+    index = {key: k for k, key in enumerate(keys)}
+    for start, maps, _ in _query_maps(model, grids[need], q, batch_size):
+        for b in range(len(maps)):
+            i = need[start + b]
+            for key in voting[i]:
+                cells = chosen[key]
+                own_map = maps[b, index[key]].ravel()[cells]
+                votes[key][np.arange(len(cells)), grids[i].ravel()[cells].astype(np.int64)] += \
+                    np.maximum(own_map, 0.0) + 1e-3
+    model.train(was)
+    entries = {}
+    for key, cells in chosen.items():
+        entries[key] = [KeyPatch(int(np.argmax(votes[key][j])), c // w, c % w, round(float(scores[key].flat[c]), 6),
+                                 key) for j, c in enumerate(cells)]
     return KeyPatchBank((h, w), model.config.codebook_size, entries,
-                        {"support": support, "min_support": min_support, "size": size,
-                         "rule": "mean z-scored word-to-patch similarity of the key's finding words over the "
-                                 "training images whose report has the key, minus the mean over all findings' "
-                                 "maps"})
+                        {"support": {k: len(support[k]) for k in entries}, "min_support": min_support, "size": size,
+                         "rule": rule})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -730,9 +851,10 @@ def cache_hidden(model: AlignModel, texts: Sequence[str]) -> dict[str, torch.Ten
 
 def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed: int = 0, device: str = "auto",
         live_dir: str | Path | None = None, progress: bool = True, workdir: str | Path = ".",
-        text_model_path: str | Path | None = None):
+        text_model_path: str | Path | None = None, out_dir: str | Path | None = None):
     """Train the alignment model on `train_pairs` with the project's loop; validation retrieval (mean R@5 both
-    ways) selects the kept weights. A frozen text encoder's token states are computed once and cached.
+    ways) selects the kept weights. A frozen text encoder's token states are computed once and cached. With
+    `out_dir`, checkpoints every `p.checkpoint_every` steps go there and a killed run resumes from the last one.
 
     Returns (model in eval mode on the CPU, TrainResult)."""
     import hashlib
@@ -774,7 +896,9 @@ def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed:
                       p.steps), weight_decay=p.weight_decay, grad_clip=p.grad_clip, ema_decay=p.ema_decay,
                       device=device, dtype=p.dtype, compile=p.compile, seed=seed, log_every=max(1, p.eval_every // 4),
                       eval_every=p.eval_every, select_metric="recall_at_5" if len(validate.texts) else None,
-                      out_dir=None, live_dir=str(live_dir) if live_dir else None, run_id=h.hexdigest()[:16],
+                      checkpoint_every=p.checkpoint_every if out_dir else 0,
+                      out_dir=str(out_dir) if out_dir else None, live_dir=str(live_dir) if live_dir else None,
+                      run_id=h.hexdigest()[:16],
                       progress=progress, desc="align")
     result = train(model, loss_fn, batches, cfg, evaluate if len(validate.texts) else None)
     return model.cpu().eval(), result
@@ -894,9 +1018,11 @@ def pointing_cases(model: AlignModel, pairs: Pairs, truths: Sequence[dict | None
     return cases
 
 
-def pointing_metrics(cases: Sequence[PointingCase], k: int, seed: int = 0) -> dict[str, float | int | None]:
+def pointing_metrics(cases: Sequence[PointingCase], k: int, seed: int = 0,
+                     boot: int = 1000) -> dict[str, float | int | None]:
     """Per finding group: hit share of the image-based and bank-based top-k cells inside the region, a seeded
-    random draw of k cells, the region's area share (the random expectation) and the ratios to it."""
+    random draw of k cells, the region's area share (the random expectation), the ratios to it, and a 95% bootstrap
+    interval (over cases) of the bank ratio."""
     rng = np.random.default_rng(seed)
     out: dict[str, float | int | None] = {}
     for name in sorted({c.finding for c in cases}):
@@ -923,6 +1049,10 @@ def pointing_metrics(cases: Sequence[PointingCase], k: int, seed: int = 0) -> di
         out[f"pointing/area_share/{name}"] = r4(area)
         out[f"pointing/ratio/{name}"] = r4(img_m / area) if img_m is not None and area > 0 else None
         out[f"pointing/ratio_bank/{name}"] = r4(bank_m / area) if bank_m is not None and area > 0 else None
+        if bank and area > 0:  # few cases per finding: a 95% bootstrap interval over the cases says how few
+            draws = rng.choice(len(bank), size=(boot, len(bank)), replace=True)
+            lo, hi = np.percentile(np.asarray(bank)[draws].mean(1) / area, [2.5, 97.5])
+            out[f"pointing/ratio_bank_lo/{name}"], out[f"pointing/ratio_bank_hi/{name}"] = r4(lo), r4(hi)
     return out
 
 

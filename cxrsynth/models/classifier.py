@@ -241,7 +241,7 @@ class Classifier(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
         """Rebuild a classifier from its folder (strict: any missing or unexpected weight is an error)."""
         meta = folder.read_meta(path, FORMAT, FORMAT_VERSION)
-        model = folder.load_state(cls(ClassifierConfig.from_dict(meta["config"])), path)
+        model = folder.load_state(cls(folder.read_config(path, meta, ClassifierConfig.from_dict)), path)
         return model.to(device).eval()
 
 

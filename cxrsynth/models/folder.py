@@ -7,13 +7,18 @@ offending file.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+# the JSON files `transformers` reads from a save_pretrained folder (model config, generation config, tokenizer)
+HF_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "added_tokens.json", "model.safetensors.index.json")
 
 
 class ModelFolderError(ValueError):
@@ -46,6 +51,43 @@ def read_meta(path: str | Path, fmt: str, version: int) -> dict:
     if meta.get("format_version") != version:
         raise ModelFolderError(f"{cfg_file}: format_version {meta.get('format_version')!r} is not {version}")
     return meta
+
+
+def read_config(path: str | Path, meta: dict, from_dict: Callable[[dict], object]):
+    """`from_dict(meta["config"])`; a missing or invalid config section raises ModelFolderError naming config.json."""
+    try:
+        return from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFolderError(f"{Path(path) / CONFIG}: invalid config ({type(err).__name__}: {err})") from None
+
+
+def one_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors can span many lines), or its type."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def check_files(path: str | Path, error: type[Exception] = ModelFolderError) -> None:
+    """Check the files `transformers` will read from a save_pretrained folder before it reads them: every JSON file of
+    `HF_JSON` present must parse to an object and every top-level `*.safetensors` must have a sound header that covers
+    the file. A damaged one raises `error` naming it (transformers' own errors often do not name the file); weights
+    are opened with safetensors only, so a pickle in their place is rejected, never unpickled."""
+    path = Path(path)
+    for name in HF_JSON:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise error(f"{f}: corrupted or truncated ({err})") from None
+        if not isinstance(doc, dict):
+            raise error(f"{f}: corrupted (not a JSON object)")
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safetensors.safe_open(str(f), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError / OSError for damaged files
+            raise error(f"{f}: corrupted or truncated weights ({one_line(err)})") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

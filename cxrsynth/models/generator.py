@@ -318,10 +318,12 @@ class Generator:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Generator:
         """Rebuild from a folder written by `save`; eval mode."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from cxrsynth.models.folder import check_files, one_line
 
         path = Path(path)
-        meta_file = path / META_FILE
+        meta_file, w_file = path / META_FILE, path / "model.safetensors"
         if not meta_file.is_file():
             raise GeneratorError(f"{meta_file}: not a generator folder (generator.json missing; train it with "
                                  "`dvc repro generator` or `python -m stages.generator`)")
@@ -329,20 +331,45 @@ class Generator:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise GeneratorError(f"{meta_file}: corrupted ({err})") from None
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise GeneratorError(f"{meta_file}: not a {FORMAT} v{FORMAT_VERSION} file")
-        if not (path / "model.safetensors").is_file():
-            raise GeneratorError(f"{path / 'model.safetensors'}: weights missing")
-        layout = Layout.from_dict(meta.pop("layout"))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if not w_file.is_file():
+            raise GeneratorError(f"{w_file}: weights missing")
+        check_files(path, GeneratorError)  # damaged JSON / safetensors files, named, before transformers reads them
+        try:
+            layout = Layout.from_dict(meta.pop("layout"))
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise GeneratorError(f"{meta_file}: invalid layout ({type(err).__name__}: {err})") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as err:
+            raise GeneratorError(f"{path}: cannot load the tokenizer (tokenizer.json, tokenizer_config.json): "
+                                 f"{one_line(err)}") from err
         if layout_for(tokenizer, layout.grid, layout.codebook_size, layout.key_patches,
                       layout.max_text_tokens) != layout:
-            raise GeneratorError(f"{meta_file}: layout does not match the folder's tokenizer")
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+            raise GeneratorError(f"{meta_file}: layout does not match the folder's tokenizer (tokenizer.json, "
+                                 "tokenizer_config.json)")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as err:
+            raise GeneratorError(f"{path / 'config.json'}: invalid model config ({one_line(err)})") from err
+        try:  # safetensors only: a pickle (pytorch_model.bin) is never read
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, use_safetensors=True,
+                                                               output_loading_info=True)
+        except Exception as err:
+            raise GeneratorError(f"{w_file}: corrupted or truncated, or does not match config.json "
+                                 f"({one_line(err)})") from err
+        if info.get("missing_keys") or info.get("unexpected_keys"):  # transformers would re-initialise them silently
+            raise GeneratorError(f"{w_file}: weights do not match config.json (missing "
+                                 f"{sorted(info.get('missing_keys') or [])[:5]}, unexpected "
+                                 f"{sorted(info.get('unexpected_keys') or [])[:5]})")
         bank = KeyPatchBank.load(path / BANK_FILE)
         for k in ("format", "format_version", "image_tokens"):
             meta.pop(k, None)
-        return cls(model.to(device).eval(), tokenizer, layout, bank, meta)
+        try:
+            return cls(model.to(device).eval(), tokenizer, layout, bank, meta)
+        except GeneratorError as err:  # the bank does not fit the layout
+            raise GeneratorError(f"{path / BANK_FILE}: {err}") from None
 
 
 def weights_sha256(path: str | Path) -> str:

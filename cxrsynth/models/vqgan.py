@@ -292,7 +292,7 @@ class VQGAN(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VQGAN:
         """Rebuild from a folder written by `save` (strict: a missing or unexpected weight is an error); eval mode."""
         meta = folder.read_meta(path, FORMAT, FORMAT_VERSION)
-        model = folder.load_state(cls(VQGANConfig.from_dict(meta["config"])), path)
+        model = folder.load_state(cls(folder.read_config(path, meta, VQGANConfig.from_dict)), path)
         return model.to(device).eval()
 
 

@@ -148,7 +148,8 @@ class HFWriter:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json: not a local transformers model folder")
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                          use_safetensors=True).eval()  # never a pickle
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
 
     def write(self, spec: PromptSpec, rng: np.random.Generator) -> str:
