@@ -17,7 +17,8 @@ cosine decay (`lr_at`), gradient clipping, optional `torch.compile`, seeding, dv
 `save_dvc_exp=False`) in a folder the caller names, checkpoints every N steps and resume from the last one, DDP when
 launched by torchrun (WORLD_SIZE > 1; gloo on CPU, nccl on CUDA; rank 0 logs, evaluates and writes), a tqdm bar.
 
-Checkpoints contain no pickle: `model.safetensors` (weights), `state.safetensors` (optimizer tensors, RNG states) and
+Checkpoints contain no pickle: `model.safetensors` (weights; frozen parameters left out, their hash is in the
+fingerprint), `state.safetensors` (optimizer tensors, RNG states) and
 `state.json` (step, scheduler, optimizer hyper-parameters, best metric, eval history, a fingerprint of the run).
 A checkpoint whose fingerprint differs from the current run's (other params) is not resumed from: the run starts
 fresh. Exact resume (bitwise the same weights as an uninterrupted run) holds for single-process runs.
@@ -342,6 +343,49 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def frozen_names(model: nn.Module) -> set[str]:
+    """Parameters that do not train (requires_grad False, e.g. a frozen pretrained text encoder)."""
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """Hash of the frozen parameters ("" when none): part of a run's fingerprint, since checkpoints leave them out."""
+    frozen = frozen_names(model)
+    if not frozen:
+        return ""
+    h = hashlib.sha256()
+    for name, t in sorted((k, v) for k, v in model.state_dict().items() if k in frozen):
+        h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_weights(model: nn.Module, file: str | Path, frozen: set[str] | None = None) -> None:
+    """model.safetensors of the trained weights: frozen parameters (`frozen`, default `frozen_names(model)`; an EMA
+    copy passes its model's) are left out: they come back from their own source when the model is rebuilt, and
+    `frozen_digest` in the fingerprint guards that they are the same."""
+    frozen = frozen_names(model) if frozen is None else frozen
+    if not frozen:
+        safetensors.torch.save_model(model, str(file))
+        return
+    keep = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if k not in frozen}
+    safetensors.torch.save_file(keep, str(file))
+
+
+def load_weights(model: nn.Module, file: str | Path, device: str, frozen: set[str] | None = None) -> None:
+    """Inverse of `save_weights`: every weight but the frozen ones must be in the file, and nothing else."""
+    frozen = frozen_names(model) if frozen is None else frozen
+    if not frozen:
+        safetensors.torch.load_model(model, str(file), strict=True, device=device)
+        return
+    tensors = safetensors.torch.load_file(str(file), device=device)
+    expected = set(model.state_dict()) - frozen
+    if set(tensors) != expected:
+        raise ValueError(f"{file}: weights do not match the model (missing {sorted(expected - set(tensors))[:5]}, "
+                         f"unexpected {sorted(set(tensors) - expected)[:5]})")
+    model.load_state_dict(tensors, strict=False)
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, extra: Mapping | None = None,
                     ema: EMA | None = None) -> None:
@@ -352,9 +396,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    frozen = frozen_names(model)
+    save_weights(model, tmp / "model.safetensors", frozen)
     if ema is not None:
-        safetensors.torch.save_model(ema.model, str(tmp / "ema.safetensors"))
+        save_weights(ema.model, tmp / "ema.safetensors", frozen)
     tensors: dict[str, torch.Tensor] = {}
     state = {"step": step, "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors),
              "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors),
@@ -381,11 +426,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     Returns {'step': int, 'extra': dict}."""
     path = Path(path)
     device = next(model.parameters()).device
-    safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    frozen = frozen_names(model)
+    load_weights(model, path / "model.safetensors", str(device), frozen)
     if ema is not None:
         if not (path / "ema.safetensors").is_file():
             raise FileNotFoundError(f"{path}: ema.safetensors missing (checkpoint written without EMA)")
-        safetensors.torch.load_model(ema.model, str(path / "ema.safetensors"), strict=True, device=str(device))
+        load_weights(ema.model, path / "ema.safetensors", str(device), frozen)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     tensors = safetensors.torch.load_file(str(path / "state.safetensors"))
     if optimizer is not None:
@@ -482,7 +528,9 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     ctx = autocast_context(device, cfg.dtype)
-    fingerprint = cfg.fingerprint() + f"-{code_fingerprint(model, loss_fn)}" + (f"-{cfg.run_id}" if cfg.run_id else "")
+    frozen = frozen_names(model)
+    fingerprint = (cfg.fingerprint() + f"-{code_fingerprint(model, loss_fn)}" + (f"-{cfg.run_id}" if cfg.run_id else "")
+                   + (f"-{frozen_digest(model)}" if frozen else ""))
     out = Path(cfg.out_dir) if cfg.out_dir else None
 
     start, best_step, best, history, earlier_seconds = 0, None, None, [], 0.0
@@ -519,7 +567,7 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
         tmp = out / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        safetensors.torch.save_model(kept, str(tmp / "model.safetensors"))
+        save_weights(kept, tmp / "model.safetensors", frozen)
         (tmp / "best.json").write_text(json.dumps({"step": step, cfg.select_metric: best}), encoding="utf-8")
         _replace_dir(tmp, out / "best")
 
@@ -607,8 +655,7 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
 
     if best_step is not None:  # hand back the selected weights, not merely the last ones
         if out is not None:
-            safetensors.torch.load_model(model, str(out / "best" / "model.safetensors"), strict=True,
-                                         device=str(device))
+            load_weights(model, out / "best" / "model.safetensors", str(device), frozen)
         elif best_state is not None:
             model.load_state_dict(best_state)
     elif ema is not None:

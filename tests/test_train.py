@@ -274,3 +274,48 @@ def test_dvclive_curves_without_dvcyaml(tmp_path):
     assert metrics["step"] == 4 and "loss" in metrics["train"] and metrics["val"]["auc"] == 0.5
     assert (live / "plots" / "metrics" / "train" / "lr.tsv").is_file()
     assert not (live / "dvc.yaml").exists()
+
+
+class PartlyFrozen(nn.Module):
+    """A frozen 'pretrained' layer under a trained head, as the align model's frozen text encoder."""
+
+    def __init__(self, frozen_seed: int = 7) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(frozen_seed)
+        self.base = nn.Linear(6, 6)
+        with torch.no_grad():
+            self.base.weight.copy_(torch.randn(6, 6, generator=g))
+            self.base.bias.copy_(torch.randn(6, generator=g))
+        self.base.requires_grad_(False)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.base(x)))
+
+
+def test_frozen_weights_stay_out_of_checkpoints_and_guard_resume(tmp_path):
+    import safetensors.torch
+
+    seed_everything(0)
+    full = PartlyFrozen()
+    train(full, loss_fn, batches, cfg(max_steps=6))
+
+    def dying(step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return batches(step)
+
+    out = str(tmp_path / "ckpt")
+    c = cfg(out_dir=out, max_steps=6, checkpoint_every=2)
+    seed_everything(0)
+    with pytest.raises(KeyboardInterrupt):
+        train(PartlyFrozen(), loss_fn, dying, c)
+    saved = safetensors.torch.load_file(str(tmp_path / "ckpt" / "last" / "model.safetensors"))
+    assert set(saved) == {"head.weight", "head.bias"}  # the frozen layer is not copied into every checkpoint
+    seed_everything(5)
+    resumed = PartlyFrozen()  # rebuilt: its frozen layer comes back from its own source
+    result = train(resumed, loss_fn, batches, c)
+    assert result.resumed_from == 4 and same(weights(full), weights(resumed))
+    # other frozen weights (say, another pretrained encoder at the same path) make it another run: no resume
+    result = train(PartlyFrozen(frozen_seed=8), loss_fn, batches, c)
+    assert result.resumed_from == 0
