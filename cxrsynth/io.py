@@ -46,6 +46,19 @@ def write_json(path: str | Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def read_json_object(path: str | Path, error: type[Exception] = ValueError, what: str = "") -> dict:
+    """Parse a JSON file that must hold an object; unreadable JSON or another type raises `error` naming the file
+    (`what`, e.g. "config", says what it should have been)."""
+    label = f"corrupted {what}".strip()
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: {label} ({err})") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: {label} (not a JSON object)")
+    return doc
+
+
 def write_jsonl(path: str | Path, records: Iterable[object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cxrsynth.io import read_json_object
 from cxrsynth.text.findings import extract_findings
 from cxrsynth.text.prompting import Term, spec_from_findings
 
@@ -163,11 +164,8 @@ class KeyPatchBank:
             path = path / BANK_FILE
         if not path.is_file():
             raise BankError(f"{path}: key-patch bank missing")
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BankError(f"{path}: corrupted bank ({err})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        doc = read_json_object(path, BankError, "bank")
+        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise BankError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file")
         try:
             grid, codebook_size = tuple(int(x) for x in doc["grid"]), int(doc["codebook_size"])

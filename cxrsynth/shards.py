@@ -8,6 +8,7 @@ stage rebuilds exactly the outputs of an unsharded run.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -34,6 +35,25 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or index >= count:
         raise ShardError(f"--shard {text!r}: expected 0 <= I < N, with N >= 1")
     return index, count
+
+
+def stage_arguments(prog: str, description: str, outputs: str, metrics: str,
+                    argv: list[str] | None = None) -> tuple[argparse.Namespace, tuple[int, int] | None]:
+    """The command line of a sharded stage: `--shard I/N --out DIR` | `--merge DIR...`, optional `--out` and
+    `--metrics`; returns the arguments and the parsed shard (None unless --shard). A bad --shard raises ShardError."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--shard", metavar="I/N", help="process only shard I of N (needs --out)")
+    mode.add_argument("--merge", nargs="+", metavar="DIR", help="merge the folders of shards 0..N-1")
+    ap.add_argument("--out", help=f"output folder (default {outputs}; the shard folder with --shard)")
+    ap.add_argument("--metrics", help=f"metrics file (default {metrics})")
+    args = ap.parse_args(argv)
+    if args.shard is None:
+        return args, None
+    shard = parse_shard(args.shard)
+    if not args.out:
+        raise ShardError("--shard needs --out DIR (the shard folder)")
+    return args, shard
 
 
 def shard_range(n: int, index: int, count: int) -> tuple[int, int]:

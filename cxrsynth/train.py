@@ -497,8 +497,8 @@ def code_fingerprint(*objs: Any) -> str:
         if f and Path(f).is_file():
             files.add(Path(f).resolve())
     h = hashlib.sha256()
-    for f in sorted(files, key=lambda f: (f.name, f.read_bytes())):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for name, data in sorted((f.name, f.read_bytes()) for f in files):  # by name, not by where the checkout is
+        h.update(name.encode() + b"\0" + data)
     return h.hexdigest()[:12]
 
 

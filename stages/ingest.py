@@ -9,31 +9,23 @@ Scale-out (cxrsynth.shards): `--shard I/N --out DIR` decodes only shard I of N i
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from cxrsynth.config import stage_params
 from cxrsynth.data.ingest import IngestError, ingest, ingest_shard, merge_ingest
 from cxrsynth.io import write_json
-from cxrsynth.shards import ShardError, parse_shard
+from cxrsynth.shards import ShardError, stage_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--shard", metavar="I/N", help="process only shard I of N (needs --out)")
-    mode.add_argument("--merge", nargs="+", metavar="DIR", help="merge the folders of shards 0..N-1")
-    ap.add_argument("--out", help="output folder (default paths.interim; the shard folder with --shard)")
-    ap.add_argument("--metrics", help="metrics file (default <paths.metrics>/ingest.json)")
-    args = ap.parse_args(argv)
     params = stage_params()
-    out = args.out or params.paths.interim
     try:
-        if args.shard is not None:
-            index, count = parse_shard(args.shard)
-            if not args.out:
-                raise ShardError("--shard needs --out DIR (the shard folder)")
+        args, shard = stage_arguments("python -m stages.ingest", __doc__.split("\n")[0], "paths.interim",
+                                      "<paths.metrics>/ingest.json", argv)
+        out = args.out or params.paths.interim
+        if shard is not None:
+            index, count = shard
             info = ingest_shard(params.ingest, params.paths.raw, params.paths.raw_jpg, out,
                                 workers=params.base.num_workers, index=index, count=count)
             print(f"ingest shard {index}/{count}: candidates [{info['start']}, {info['stop']}) of {info['n']} -> {out}")

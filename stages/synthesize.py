@@ -14,31 +14,22 @@ shard folder DIR; `--merge DIR...` merges the folders of shards 0..N-1 into the 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from cxrsynth.config import stage_params
 from cxrsynth.io import write_json
-from cxrsynth.shards import ShardError, parse_shard
+from cxrsynth.shards import ShardError, stage_arguments
 from cxrsynth.synthesis import merge_synthesis, run_stage
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.synthesize", description=__doc__.split("\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--shard", metavar="I/N", help="make only shard I of N (needs --out)")
-    mode.add_argument("--merge", nargs="+", metavar="DIR", help="merge the folders of shards 0..N-1")
-    ap.add_argument("--out", help="output folder (default paths.synthetic; the shard folder with --shard)")
-    ap.add_argument("--metrics", help="metrics file (default <paths.metrics>/synthesize.json)")
-    args = ap.parse_args(argv)
     params = stage_params()
-    out = args.out or params.paths.synthetic
     try:
-        if args.shard is not None:
-            shard = parse_shard(args.shard)
-            if not args.out:
-                raise ShardError("--shard needs --out DIR (the shard folder)")
+        args, shard = stage_arguments("python -m stages.synthesize", __doc__.split("\n")[0], "paths.synthetic",
+                                      "<paths.metrics>/synthesize.json", argv)
+        out = args.out or params.paths.synthetic
+        if shard is not None:
             info = run_stage(params, out, shard=shard)
             print(f"synthesize shard {shard[0]}/{shard[1]}: images [{info['start']}, {info['stop']}) of "
                   f"{info['n']} -> {out}")

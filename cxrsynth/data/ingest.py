@@ -196,13 +196,14 @@ def collect(params: IngestParams, root: Path, jpg_root: Path) -> Candidates:
     return Candidates(df.reset_index(drop=True), rejected, read, redactions, reports_redacted)
 
 
-def to_square(img: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Resize a [0,1] image to size x size keeping its aspect ratio (pad with black, or centre-crop),
-    anti-aliased (Lanczos on float data), returned as uint8."""
+def place_square(img: np.ndarray, size: int, mode: str,
+                 resample: Image.Resampling = Image.Resampling.LANCZOS) -> np.ndarray:
+    """A float image resized to size x size keeping its aspect ratio: pad (centred, zeros around) or crop (centre).
+    The one geometry of stored images; anything mapped onto them (e.g. ground-truth regions) goes through it."""
     h, w = img.shape
     scale = size / max(h, w) if mode == "pad" else size / min(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.LANCZOS))
+    small = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((nw, nh), resample))
     out = np.zeros((size, size), np.float32)
     if mode == "pad":
         y, x = (size - nh) // 2, (size - nw) // 2
@@ -210,7 +211,13 @@ def to_square(img: np.ndarray, size: int, mode: str) -> np.ndarray:
     else:
         y, x = (nh - size) // 2, (nw - size) // 2
         out = small[y:y + size, x:x + size]
-    return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return out
+
+
+def to_square(img: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize a [0,1] image to size x size keeping its aspect ratio (pad with black, or centre-crop),
+    anti-aliased (Lanczos on float data), returned as uint8."""
+    return (np.clip(place_square(img, size, mode), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def load_image(path: Path, source: str, voi: str) -> np.ndarray:

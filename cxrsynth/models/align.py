@@ -936,6 +936,7 @@ def region_cells(region: dict, rows: int, columns: int, image_size: int, resize:
     least REGION_COVER, after ingest's square resize (pad or centre crop); at least the best-covered cell."""
     from PIL import Image
 
+    from cxrsynth.data.ingest import place_square
     from cxrsynth.data.phantom.truth import mask_from_rle
 
     if region.get("mask_rle"):
@@ -944,16 +945,7 @@ def region_cells(region: dict, rows: int, columns: int, image_size: int, resize:
         mask = np.zeros((rows, columns), np.float32)
         x0, y0, x1, y1 = (int(v) for v in region["box"])
         mask[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1.0
-    scale = image_size / max(rows, columns) if resize == "pad" else image_size / min(rows, columns)
-    nh, nw = max(1, round(rows * scale)), max(1, round(columns * scale))
-    small = np.asarray(Image.fromarray(mask, mode="F").resize((nw, nh), Image.Resampling.BILINEAR))
-    canvas = np.zeros((image_size, image_size), np.float32)
-    if resize == "pad":
-        y, x = (image_size - nh) // 2, (image_size - nw) // 2
-        canvas[y:y + nh, x:x + nw] = small
-    else:
-        y, x = (nh - image_size) // 2, (nw - image_size) // 2
-        canvas = small[y:y + image_size, x:x + image_size]
+    canvas = place_square(mask, image_size, resize, Image.Resampling.BILINEAR)  # ingest's geometry
     h, w = grid
     cover = np.asarray(Image.fromarray(canvas, mode="F").resize((w, h), Image.Resampling.BOX))
     cells = cover >= REGION_COVER

@@ -14,6 +14,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from cxrsynth.io import read_json_object
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 # the JSON files `transformers` reads from a save_pretrained folder (model config, generation config, tokenizer)
@@ -41,13 +43,9 @@ def read_meta(path: str | Path, fmt: str, version: int) -> dict:
     cfg_file = Path(path) / CONFIG
     if not cfg_file.is_file():
         raise ModelFolderError(f"{cfg_file}: not a {fmt} folder (config.json missing)")
-    try:
-        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelFolderError(f"{cfg_file}: corrupted config ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelFolderError(f"{cfg_file}: format {got!r} is not {fmt!r}")
+    meta = read_json_object(cfg_file, ModelFolderError, "config")
+    if meta.get("format") != fmt:
+        raise ModelFolderError(f"{cfg_file}: format {meta.get('format')!r} is not {fmt!r}")
     if meta.get("format_version") != version:
         raise ModelFolderError(f"{cfg_file}: format_version {meta.get('format_version')!r} is not {version}")
     return meta
@@ -73,15 +71,8 @@ def check_files(path: str | Path, error: type[Exception] = ModelFolderError) -> 
     are opened with safetensors only, so a pickle in their place is rejected, never unpickled."""
     path = Path(path)
     for name in HF_JSON:
-        f = path / name
-        if not f.is_file():
-            continue
-        try:
-            doc = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise error(f"{f}: corrupted or truncated ({err})") from None
-        if not isinstance(doc, dict):
-            raise error(f"{f}: corrupted (not a JSON object)")
+        if (path / name).is_file():
+            read_json_object(path / name, error, "or truncated")
     for f in sorted(path.glob("*.safetensors")):
         try:
             with safetensors.safe_open(str(f), framework="pt"):

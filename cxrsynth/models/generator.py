@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrsynth.io import file_sha256
+from cxrsynth.io import file_sha256, read_json_object
 from cxrsynth.keypatches import BANK_FILE, KeyPatch, KeyPatchBank
 from cxrsynth.train import EpochSampler, TrainConfig, TrainResult, dist_info, seed_everything, train
 
@@ -327,11 +327,8 @@ class Generator:
         if not meta_file.is_file():
             raise GeneratorError(f"{meta_file}: not a generator folder (generator.json missing; train it with "
                                  "`dvc repro generator` or `python -m stages.generator`)")
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise GeneratorError(f"{meta_file}: corrupted ({err})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        meta = read_json_object(meta_file, GeneratorError)
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise GeneratorError(f"{meta_file}: not a {FORMAT} v{FORMAT_VERSION} file")
         if not w_file.is_file():
             raise GeneratorError(f"{w_file}: weights missing")
