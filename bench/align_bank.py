@@ -1,12 +1,13 @@
 """Key-patch bank rules compared by patient-level 2-fold cross-validation on the phantom (more cases than the stage's
 held-out pointing game, so rules and models can be told apart from noise).
 
-    python -m bench.align_bank                         # models/align, every rule in cxrsynth.models.align.BANK_RULES
+    python -m bench.align_bank                         # models/align: every rule in BANK_RULES, then the stage's
+                                                       # rule without view strata, without mirror pooling, neither
     python -m bench.align_bank models/align shift,text # another trained align folder, chosen rules
 
-For each fold the bank is built (`build_bank`, the stage's size and min_support) from the training images of half
-the patients, and the pointing game (k = align.pointing_k) runs on the training images of the other half plus
-validate and test. The alignment model itself saw all training images, for every rule alike, so the comparison
+For each fold the bank is built (`build_bank`, the stage's size, min_support, strata and mirror unless a line says
+otherwise) from the training images of half the patients, and the pointing game (k = align.pointing_k) runs on the
+training images of the other half plus validate and test. The alignment model itself saw all training images, for every rule alike, so the comparison
 between rules is fair; the absolute numbers are not the stage's held-out ones. Needs the phantom ground truth
 (`<phantom>/ground_truth.jsonl`) and the stage outputs of ingest, tokens and align. Writes nothing; prints one line
 per rule: bank pointing / area share per finding, with the number of cases.
@@ -38,6 +39,10 @@ def main(argv: list[str]) -> None:
     p, paths = params.align, params.paths
     folder = Path(argv[0]) if argv else Path(paths.models) / "align"
     rules = argv[1].split(",") if len(argv) > 1 else list(BANK_RULES)
+    variants = [(rule, p.bank_strata == "view", p.bank_mirror) for rule in rules]
+    if len(argv) <= 1:  # what the view strata and the mirror pooling each add, under the stage's rule
+        variants += [(p.bank_rule, False, p.bank_mirror), (p.bank_rule, p.bank_strata == "view", False),
+                     (p.bank_rule, False, False)]
     model = AlignModel.load(folder)
     sha = weights_sha256(Path(paths.models) / "vqgan")
     manifest = pd.read_parquet(Path(paths.interim) / "manifest.parquet")
@@ -54,14 +59,16 @@ def main(argv: list[str]) -> None:
     fold = rows.subject_id.to_numpy().astype(np.int64) % 2  # by patient: no patient on both sides
     held = [(data[s][0], [truth.get(d) for d in data[s][1].dicom_id]) for s in ("validate", "test") if s in data]
     print(f"{folder}: {len(train.texts)} training images, folds {np.bincount(fold).tolist()}, k={p.pointing_k}")
-    print("rule    " + " ".join(f"{f[:12]:>16s}" for f in FINDINGS))
-    for rule in rules:
+    print("rule  strata mirror " + " ".join(f"{f[:12]:>16s}" for f in FINDINGS))
+    views = rows.view.to_numpy()
+    for rule, strata, mirror in variants:
         cases = []
         for f in (0, 1):
             build, other = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
             bank_pairs = _subset(train, build)
             model.bank = build_bank(model, bank_pairs.texts, bank_pairs.grids, size=p.bank_size,
-                                    min_support=p.bank_min_support, rule=rule)
+                                    min_support=p.bank_min_support, rule=rule, mirror=mirror, smooth=p.bank_smooth,
+                                    strata=views[build] if strata else None)
             evals = [(_subset(train, other), [truth.get(d) for d in rows.dicom_id.to_numpy()[other]]), *held]
             for pairs, tru in evals:
                 cases += pointing_cases(model, pairs, tru, k=p.pointing_k, image_size=params.ingest.image_size,
@@ -71,7 +78,8 @@ def main(argv: list[str]) -> None:
         for f in FINDINGS:
             r, n = m.get(f"pointing/ratio_bank/{f}"), m.get(f"pointing/n_with_bank/{f}")
             cells.append(f"{'-' if r is None else f'{r:.2f}':>8s} (n={n or 0:3d})")
-        print(f"{rule:7s} " + " ".join(cells), flush=True)
+        print(f"{rule:5s} {'view' if strata else 'none':6s} {'yes' if mirror else 'no':6s} " + " ".join(cells),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -338,6 +338,11 @@ class AlignParams:
     bank_min_support: int = _opt(3, lo=1, hi=100000, doc="training images a bank key needs")
     bank_rule: str = _opt("both", choices=("shift", "text", "both"), doc="bank score map: patch-embedding shift "
                           "of the key's images | their query-similarity difference | both (cxrsynth.models.align)")
+    bank_strata: str = _opt("view", choices=("view", "none"), doc="bank differences taken within each view (AP/PA) "
+                            "| over all training images")
+    bank_mirror: bool = _opt(True, doc="pool a left key's evidence with its right mirror key's, flipped (and back)")
+    bank_smooth: float = _opt(1.0, lo=0.0, hi=8.0, doc="Gaussian blur (grid cells) of each bank key's score map; "
+                              "0 = off")
     pointing_k: int = _opt(5, lo=1, hi=256, doc="top-k cells of the pointing game (metric only; the generator has "
                                                 "its own k)")
     heatmap_examples: int = _opt(2, lo=0, hi=20, doc="validate examples per finding in metrics/align_heatmaps.png")

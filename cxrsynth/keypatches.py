@@ -1,9 +1,9 @@
 """Key patches: the visual clues a prompt hands the generator, and the bank they are looked up in.
 
 A key patch is one codebook entry at one position of the token grid (`KeyPatch(code, row, col, score, term)`).
-The `align` stage builds a `KeyPatchBank` after training: for each vocabulary key (a pathology, an anatomy term, or a
-`pathology|anatomy` pair) the grid positions and codes most aligned to it over the training images. Selection is a
-pure function of the prompt's terms and the bank:
+The `align` stage builds a `KeyPatchBank` after training: for each vocabulary key (a pathology, an anatomy term, a
+`pathology|anatomy` pair, or a lateralised `pathology@left` / `pathology@right`) the grid positions and codes most
+aligned to it over the training images. Selection is a pure function of the prompt's terms and the bank:
 
     bank.select(terms, k)      # terms: cxrsynth.text.prompting.Term (or their dicts)
 
@@ -12,9 +12,9 @@ prompt) pick key patches the same way, and nothing is read from the target image
 the bank (or that has none) gets no key patches, never an error.
 
 Selection rule (deterministic): positive and uncertain terms in prompt order, duplicates removed; each term uses its
-most specific key present in the bank (`pathology|anatomy`, then `pathology`, then `anatomy`); the terms' ranked
-entries are interleaved round-robin (every term's best entry before any term's second), a grid position is used at
-most once, and the first k are returned.
+most specific key present in the bank (`pathology|anatomy`, then `pathology@side` for a left or right term, then
+`pathology`, then `anatomy`); the terms' ranked entries are interleaved round-robin (every term's best entry before
+any term's second), a grid position is used at most once, and the first k are returned.
 
 Bank file: `bank.json` (format, version, grid size, codebook size, keys -> entries sorted by score), written with
 sorted keys and rounded scores so identical banks give identical bytes.
@@ -22,6 +22,7 @@ sorted keys and rounded scores so identical banks give identical bytes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,20 +55,43 @@ class KeyPatch:
         return self.row * grid_w + self.col
 
 
+MIRROR = {"left": "right", "right": "left"}
+
+
 def term_keys(term: Term | Mapping) -> list[str]:
-    """Bank keys for one term, most specific first."""
+    """Bank keys for one term, most specific first: `pathology|anatomy`, `pathology@side` (left or right only),
+    `pathology`, `anatomy`."""
     if isinstance(term, Mapping):
-        pathology, anatomy = term.get("pathology"), term.get("anatomy")
+        pathology, anatomy, side = term.get("pathology"), term.get("anatomy"), term.get("side")
     else:
-        pathology, anatomy = term.pathology, term.anatomy
+        pathology, anatomy, side = term.pathology, term.anatomy, term.side
     keys = []
     if pathology and anatomy:
         keys.append(f"{pathology}|{anatomy}")
+    if pathology and side in MIRROR:
+        keys.append(f"{pathology}@{side}")
     if pathology:
         keys.append(pathology)
     if anatomy:
         keys.append(anatomy)
     return keys
+
+
+def key_side(key: str) -> str | None:
+    """The side a bank key is lateralised to (`left` / `right`), from its `@side` or its anatomy's words; None for a
+    key with no side, both sides or bilateral."""
+    if "@" in key:
+        side = key.rsplit("@", 1)[1]
+        return side if side in MIRROR else None
+    words = set(re.findall(r"\b(left|right)\b", key.split("|", 1)[-1]))
+    return words.pop() if len(words) == 1 else None
+
+
+def mirror_key(key: str) -> str | None:
+    """The same key on the other side (`left` <-> `right` throughout), or None for a key with no single side."""
+    if key_side(key) is None:
+        return None
+    return re.sub(r"\b(left|right)\b", lambda m: MIRROR[m.group(1)], key)
 
 
 def _certainty(term: Term | Mapping) -> str:

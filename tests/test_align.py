@@ -219,6 +219,72 @@ def test_every_bank_rule_finds_the_findings_places(toy_model, rule):
         build_bank(model, train.texts, train.grids, rule="nearest")
 
 
+def _bank_set(specs, seed):
+    """Toy bank data: (text, code, cells, view, copies) -> Pairs and their views, background codes 0..5."""
+    rng = np.random.default_rng(seed)
+    texts, grids, views = [], [], []
+    for text, code, cells, view, copies in specs:
+        for _ in range(copies):
+            g = rng.integers(0, 6, size=(H, W))
+            for r, c in cells:
+                g[r, c] = code
+            if view == "AP":
+                g[3, 3] = 15  # what every AP film shows (a shoulder, say), whatever the report says
+            texts.append(text)
+            grids.append(g)
+            views.append(view)
+    return Pairs(texts, np.asarray(grids, np.uint16), np.arange(len(texts))), np.asarray(views)
+
+
+EFFUSION, CLEAR = "FINDINGS: There is a right pleural effusion.", "FINDINGS: The lungs are clear."
+
+
+def test_bank_compares_within_views(toy_model):
+    # every effusion film is AP, most others PA: across views the AP mark at (3, 3) looks like part of the finding;
+    # within views it cancels
+    model = toy_model[0]
+    cells = KINDS[EFFUSION][1]
+    pairs, views = _bank_set([(EFFUSION, 10, cells, "AP", 6), (CLEAR, None, [], "AP", 3),
+                              (CLEAR, None, [], "PA", 15)], 3)
+    key = "pleural effusion|right pleural space"
+
+    def rank_of_mark(bank):
+        return [(kp.row, kp.col) for kp in bank.entries[key]].index((3, 3))
+
+    # the shift rule sees any change of the patches (the toy model never learnt the mark, so its words do not)
+    pooled = build_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=None)
+    within = build_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=views)
+    assert within.meta["strata"] == ["AP", "PA"] and pooled.meta["strata"] is None
+    assert rank_of_mark(pooled) <= len(cells) + 1  # right after the finding's own cells
+    assert rank_of_mark(within) >= 12  # among the last of the 16 cells
+    assert set((kp.row, kp.col) for kp in within.entries[key][:3]) == set(cells)
+    with pytest.raises(ValueError, match="strata"):
+        build_bank(model, pairs.texts, pairs.grids, strata=views[:-1])
+
+
+def test_bank_mirror_pools_left_and_right(toy_model):
+    # one right pneumothorax (below min_support) and four left ones: mirrored, the left ones say where it goes
+    model = toy_model[0]
+    left = KINDS["FINDINGS: There is a left pneumothorax."][1]
+    right = [(r, W - 1 - c) for r, c in left]
+    pairs, views = _bank_set([("FINDINGS: There is a left pneumothorax.", 12, left, "PA", 4),
+                              ("FINDINGS: There is a right pneumothorax.", 12, right, "PA", 1),
+                              (CLEAR, None, [], "PA", 8)], 4)
+    plain = build_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=False)
+    pooled = build_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=True)
+    # unpooled, the right side has too few images of its own, and the pair borrows the (left) pathology's place
+    assert "pneumothorax@right" not in plain.entries
+    assert set((kp.row, kp.col) for kp in plain.entries["pneumothorax|right pleural space"][:3]) != set(right)
+    assert pooled.meta["mirror"] and not plain.meta["mirror"]
+    for key in ("pneumothorax@right", "pneumothorax|right pleural space"):
+        assert set((kp.row, kp.col) for kp in pooled.entries[key][:3]) == set(right), key
+    assert all(kp.code == 12 for kp in pooled.entries["pneumothorax@right"][:3])  # the right image's own codes
+    # the left side keeps its place, and a right prompt now gets right-sided clues
+    assert set((kp.row, kp.col) for kp in pooled.entries["pneumothorax@left"][:3]) == set(left)
+    kps = pooled.select(terms_of_text("FINDINGS: There is a right pneumothorax."), 3)
+    assert set((kp.row, kp.col) for kp in kps) == set(right)
+
+
 def test_save_load_round_trip(toy_model, tmp_path):
     model, _, _, val = toy_model
     model.save(tmp_path / "align")

@@ -1,7 +1,8 @@
 """Key-patch bank: deterministic selection rule, unknown terms, persistence."""
 import pytest
 
-from cxrsynth.keypatches import BankError, KeyPatch, KeyPatchBank, term_keys, terms_from_json, terms_of_text
+from cxrsynth.keypatches import (BankError, KeyPatch, KeyPatchBank, key_side, mirror_key, term_keys, terms_from_json,
+                                 terms_of_text)
 from cxrsynth.text.prompting import Term
 
 
@@ -20,6 +21,24 @@ def test_term_keys_most_specific_first():
     assert term_keys(Term("pleural effusion", anatomy="left lung base")) == [
         "pleural effusion|left lung base", "pleural effusion", "left lung base"]
     assert term_keys({"pathology": "edema"}) == ["edema"]
+    # a lateralised term also has its pathology on that side, after the pair and before the plain pathology
+    assert term_keys(Term("pneumothorax", anatomy="left apex", side="left")) == [
+        "pneumothorax|left apex", "pneumothorax@left", "pneumothorax", "left apex"]
+    assert term_keys({"pathology": "pneumothorax", "side": "right"}) == ["pneumothorax@right", "pneumothorax"]
+    assert term_keys(Term("pleural effusion", side="bilateral")) == ["pleural effusion"]
+
+
+def test_key_side_and_mirror_key():
+    assert key_side("pneumothorax@left") == "left" and key_side("pneumothorax|right apex") == "right"
+    assert key_side("right lower lobe") == "right" and key_side("retrocardiac") is None
+    assert key_side("pleural effusion|pleural spaces") is None and key_side("pleural effusion@bilateral") is None
+    assert key_side("opacity|right and left bases") is None  # both sides named: no single side
+    assert key_side("rightward|heart") is None  # whole words only
+    assert mirror_key("pneumothorax|left apex") == "pneumothorax|right apex"
+    assert mirror_key("pneumothorax@right") == "pneumothorax@left"
+    assert mirror_key("cardiomegaly") is None and mirror_key("opacity|right and left bases") is None
+    for key in ("pneumothorax|left apex", "pneumothorax@right", "left lower lobe"):
+        assert mirror_key(mirror_key(key)) == key
 
 
 def test_round_robin_unique_positions_and_k():

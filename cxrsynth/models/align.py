@@ -18,9 +18,10 @@ Key patches: a prompt has no image, so its key patches come from a `cxrsynth.key
 training (`build_bank`) by differential alignment: each bank key (`pathology|anatomy`, `pathology`, `anatomy`, the
 keys `term_keys` gives a report's present and uncertain terms) has a query vector (its finding words' mean contextual
 embedding); every training image's patch-similarity map to it is z-scored over the grid, and the key's score map is
-the mean over the images whose report has the key minus the mean over the other images. Cells every chest lights up
-cancel; cells the finding adds remain. A pair key adds the maps of its pathology and its anatomy, so a rare
-combination borrows its place from the anatomy. The best-scoring positions become the key's entries, each with the
+the mean over the images whose report has the key minus the mean over the other images of the same view (and the
+same difference of the patch embeddings themselves). Cells every chest lights up cancel; cells the finding adds
+remain. A left key pools its evidence with its right mirror key's, flipped. A pair key adds the maps of its
+pathology (on its side) and its anatomy, so a rare combination borrows its place from the anatomy. The best-scoring positions become the key's entries, each with the
 code its images hold there most often. Training the generator (terms of the image's own report) and synthesis
 (terms of the prompt) then both call `bank.select(terms, k)`, so nothing is read from the target image.
 
@@ -41,9 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
-from cxrsynth.keypatches import KeyPatch, KeyPatchBank, term_keys, terms_of_text
+from cxrsynth.keypatches import KeyPatch, KeyPatchBank, key_side, mirror_key, term_keys, terms_of_text
 from cxrsynth.models import folder
 from cxrsynth.text.findings import extract_findings
 
@@ -639,13 +641,14 @@ BANK_RULES = ("shift", "text", "both")
 
 
 def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, size: int = 16,
-               min_support: int = 3, rule: str = "both", batch_size: int = 64) -> KeyPatchBank:
+               min_support: int = 3, rule: str = "both", mirror: bool = True, strata: Sequence | None = None,
+               smooth: float = 1.0, batch_size: int = 64) -> KeyPatchBank:
     """The key-patch bank from training pairs: where the trained model's patches change when a report mentions a
-    term, with pair keys composed from their parts.
+    term, compared within strata (view), pooled over mirror sides, with pair keys composed from their parts.
 
-    1. Every bank key (`pathology|anatomy`, `pathology`, `anatomy`: `term_keys` of the present and uncertain terms of
-       each training report) gets its supporting images (whose report mentions it) and a query vector, its finding
-       words' mean contextual embedding (`_key_queries`).
+    1. Every bank key (`term_keys` of the present and uncertain terms of each training report: `pathology|anatomy`,
+       `pathology@side`, `pathology`, `anatomy`) gets its supporting images (whose report mentions it) and a query
+       vector, its finding words' mean contextual embedding (`_key_queries`).
     2. A key's score map over the grid, by `rule`:
        - `shift`: per cell, the distance between the mean (L2-normalised, empty film = 0) patch embedding of its
          supporting images and that of the other training images: where the images whose report names the term
@@ -653,58 +656,111 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
        - `text`: per cell, the mean over the supporting images minus the mean over the others of each image's
          patch-to-query similarity map (z-scored over its grid): the same difference seen through the term's words;
        - `both`: the sum of the two, each standardised over the grid.
-       Cells every chest shows alike (outline, heart, the anatomy a word always lights up) score nothing; what the
-       finding adds remains.
-    3. A key with at least `min_support` images has a map of its own. A pair key seen in training scores a cell by
-       the sum of the grid-standardised maps of itself (when supported), its pathology and its anatomy (those that
-       are supported): a rare combination borrows its place from the anatomy and its look from the pathology. Keys
-       with nothing supported are left out.
-    4. The `size` best cells become the key's entries, each with the code its supporting images (the pathology's
-       too, for a pair) hold there most often, weighted by how much each image's query map lights that cell.
+       Each difference is divided by its sampling noise at that cell (the cell's spread over the training images
+       times 1/n_in + 1/n_out): a key with few images otherwise lights the cells that vary most between any two
+       chests (lung edges, domes) by chance. With `strata` (one label per image, the view), both differences are
+       taken within each stratum and averaged with the key's images per stratum as weights, so a finding that
+       comes mostly on AP films is not credited with what every AP film shows (shoulders, scapulae,
+       magnification). Cells every chest shows alike score nothing; what the finding adds remains. `smooth`
+       (grid cells, 0 = off) blurs the map with a Gaussian: findings cover neighbouring cells, chance peaks are
+       single cells.
+    3. `mirror`: a lateralised key (`key_side`) pools its map with its mirror key's (`left` <-> `right`) flipped
+       left to right, weighted by their images: a left pneumothorax teaches where a right one goes, which doubles
+       the evidence of rare findings (it assumes a chest centred on the grid, as ingest's square resize gives).
+       A key whose pooled images number at least `min_support` has a map of its own.
+    4. A pair key seen in training scores a cell by the sum of the grid-standardised maps of itself (when
+       supported), its pathology on the pair's side (`pathology@side` when the anatomy names one side and that key
+       is supported, else `pathology`) and its anatomy: a rare combination borrows its place from the anatomy and
+       its look from the pathology. Keys with nothing supported are left out.
+    5. The `size` best cells become the key's entries, each with the code its supporting images (the pathology
+       part's too, for a pair) hold there most often, weighted by how much each image's query map lights that
+       cell.
     Streams over the images (two passes), so the memory does not grow with the training set."""
     if rule not in BANK_RULES:
         raise ValueError(f"bank rule must be one of {BANK_RULES}, got {rule!r}")
     h, w = model.config.grid
     grids = np.asarray(grids)
     n = len(grids)
+    if strata is not None and len(strata) != n:
+        raise ValueError(f"strata: {len(strata)} labels for {n} images")
+    meta = {"min_support": min_support, "size": size, "rule": rule, "mirror": bool(mirror), "smooth": float(smooth),
+            "strata": None if strata is None else sorted({str(v) for v in strata})}
     was = model.training
     model.eval()
     support, query = _key_queries(model, texts, batch_size)
     keys = sorted(support)
     if not keys or n < 2:
         model.train(was)
-        return KeyPatchBank((h, w), model.config.codebook_size, {}, {"support": {}, "min_support": min_support,
-                                                                      "size": size, "rule": rule})
+        return KeyPatchBank((h, w), model.config.codebook_size, {}, {"support": {}, **meta})
     member = np.zeros((n, len(keys)), bool)
     for k, key in enumerate(keys):
         member[support[key], k] = True
+    stratum = (np.zeros(n, np.int64) if strata is None
+               else np.unique(np.asarray([str(v) for v in strata]), return_inverse=True)[1].astype(np.int64))
+    n_strata = int(stratum.max()) + 1
     q = torch.stack([query[key] for key in keys])
-    total = np.zeros((len(keys), h, w))
-    inside = np.zeros((len(keys), h, w))
+    # per stratum v: sums over all images and over each key's images (query maps; patch embeddings)
+    total = np.zeros((n_strata, len(keys), h, w))
+    total_sq = np.zeros((n_strata, len(keys), h, w))
+    inside = np.zeros((n_strata, len(keys), h, w))
     emb_total: np.ndarray | None = None
     emb_inside: np.ndarray | None = None
+    emb_sq = np.zeros((n_strata, h * w))
     for start, maps, patches in _query_maps(model, grids, q, batch_size):
         m = member[start:start + len(maps)].astype(np.float64)
-        total += maps.sum(0)
-        inside += np.einsum("bk,bkhw->khw", m, maps)
-        e_in = np.einsum("bk,bpd->kpd", m, patches)
-        emb_total = patches.sum(0) if emb_total is None else emb_total + patches.sum(0)
+        onehot = np.eye(n_strata)[stratum[start:start + len(maps)]]
+        total += np.einsum("bv,bkhw->vkhw", onehot, maps)
+        total_sq += np.einsum("bv,bkhw->vkhw", onehot, maps ** 2)
+        inside += np.einsum("bv,bk,bkhw->vkhw", onehot, m, maps, optimize=True)
+        e_all = np.einsum("bv,bpd->vpd", onehot, patches)
+        e_in = np.einsum("bv,bk,bpd->vkpd", onehot, m, patches, optimize=True)
+        emb_total = e_all if emb_total is None else emb_total + e_all
         emb_inside = e_in if emb_inside is None else emb_inside + e_in
-    n_in = member.sum(0).astype(np.float64)
-    n_out = np.maximum(n - n_in, 1.0)
+        emb_sq += np.einsum("bv,bpd->vp", onehot, patches ** 2)
+    n_v = np.bincount(stratum, minlength=n_strata).astype(np.float64)[:, None]                # V x 1
+    n_in = np.stack([member[stratum == v].sum(0) for v in range(n_strata)]).astype(np.float64)  # V x K
+    n_out = n_v - n_in
+    # a stratum counts for a key where it has images with and without the key, weighted by the key's images there
+    weight = n_in * (n_out > 0)
+    weight = weight / np.maximum(weight.sum(0, keepdims=True), 1.0)
+    n_in, n_out = np.maximum(n_in, 1.0), np.maximum(n_out, 1.0)
+    # sampling variance of a difference of means, per cell: the cell's variance over the stratum's images times
+    # (1/n_in + 1/n_out); summed over strata with the squared weights
+    nv = np.maximum(n_v, 1.0)
+    spread = weight ** 2 * (1.0 / n_in + 1.0 / n_out)                                          # V x K
     maps_of = {}
     if rule in ("text", "both"):
-        maps_of["text"] = inside / n_in[:, None, None] - (total - inside) / n_out[:, None, None]
+        diff = inside / n_in[..., None, None] - (total - inside) / n_out[..., None, None]
+        var = np.maximum(total_sq / nv[..., None, None] - (total / nv[..., None, None]) ** 2, 1e-6)
+        noise = np.einsum("vk,vkhw->khw", spread, var)
+        maps_of["text"] = np.einsum("vk,vkhw->khw", weight, diff) / np.sqrt(noise)
     if rule in ("shift", "both"):
-        gap = emb_inside / n_in[:, None, None] - (emb_total[None] - emb_inside) / n_out[:, None, None]
-        maps_of["shift"] = np.linalg.norm(gap, axis=-1).reshape(len(keys), h, w)
-    own = {key: zscore(sum(zscore(mp[k]) for mp in maps_of.values())) for k, key in enumerate(keys)
-           if len(support[key]) >= min_support}
+        gap = emb_inside / n_in[..., None, None] - (emb_total[:, None] - emb_inside) / n_out[..., None, None]
+        dist = np.linalg.norm(np.einsum("vk,vkpd->kpd", weight, gap), axis=-1)                # K x HW
+        var = np.maximum(emb_sq / nv - (emb_total ** 2).sum(-1) / nv ** 2, 1e-6)                # V x HW
+        dist = dist / np.sqrt(np.einsum("vk,vp->kp", spread, var))
+        maps_of["shift"] = dist.reshape(len(keys), h, w)
+    raw = {key: zscore(sum(zscore(mp[k]) for mp in maps_of.values())) for k, key in enumerate(keys)}
+    if smooth > 0:  # findings cover neighbouring cells, chance peaks are single cells
+        raw = {key: zscore(ndimage.gaussian_filter(v, smooth, mode="nearest")) for key, v in raw.items()}
+    n_key = {key: len(support[key]) for key in keys}
+    own: dict[str, np.ndarray] = {}
+    for key in keys:
+        other = mirror_key(key) if mirror else None
+        if other in raw:
+            if n_key[key] + n_key[other] >= min_support:
+                own[key] = zscore((n_key[key] * raw[key] + n_key[other] * raw[other][:, ::-1])
+                                  / (n_key[key] + n_key[other]))
+        elif n_key[key] >= min_support:
+            own[key] = raw[key]
 
     scores: dict[str, np.ndarray] = {}
     voters: dict[str, list[int]] = {}
     for key in keys:
         parts = [key] if "|" not in key else [key, *key.split("|", 1)]
+        side = key_side(key)
+        if len(parts) > 1 and side and f"{parts[1]}@{side}" in own:
+            parts[1] = f"{parts[1]}@{side}"
         used = [x for x in parts if x in own]
         if not used:
             continue
@@ -734,8 +790,7 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
         entries[key] = [KeyPatch(int(np.argmax(votes[key][j])), c // w, c % w, round(float(scores[key].flat[c]), 6),
                                  key) for j, c in enumerate(cells)]
     return KeyPatchBank((h, w), model.config.codebook_size, entries,
-                        {"support": {k: len(support[k]) for k in entries}, "min_support": min_support, "size": size,
-                         "rule": rule})
+                        {"support": {k: len(support[k]) for k in entries}, **meta})
 
 
 # ----------------------------------------------------------------------------------------------------------------
