@@ -7,10 +7,10 @@ held-out pointing game, so rules and models can be told apart from noise).
 
 For each fold the bank is built (`build_bank`, the stage's size, min_support, strata and mirror unless a line says
 otherwise) from the training images of half the patients, and the pointing game (k = align.pointing_k) runs on the
-training images of the other half plus validate and test. The alignment model itself saw all training images, for every rule alike, so the comparison
-between rules is fair; the absolute numbers are not the stage's held-out ones. Needs the phantom ground truth
-(`<phantom>/ground_truth.jsonl`) and the stage outputs of ingest, tokens and align. Writes nothing; prints one line
-per rule: bank pointing / area share per finding, with the number of cases.
+training images of the other half plus validate and test. The alignment model itself saw all training images, for
+every rule alike, so the comparison between rules is fair; the absolute numbers are not the stage's held-out ones.
+Needs the phantom ground truth (`<phantom>/ground_truth.jsonl`) and the stage outputs of ingest, tokens and align.
+Writes nothing; prints one line per variant: bank pointing / area share per finding, with the number of cases.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Stage `align`: fine-grained image-text alignment of reports with VQ-GAN token grids, and the key-patch bank.
 
 Reads: params.yaml (base, paths.interim, paths.tokens, paths.models, paths.phantom, paths.metrics, ingest.image_size,
-ingest.resize, align), `<interim>/manifest.parquet` (reports: findings + impression, splits), `<interim>/images_validate.npy` (heat maps),
-`<tokens>/tokens_<split>.npy` (checked against `<models>/vqgan`), `<models>/vqgan/` (the frozen codebook), and when
-present the phantom's `<phantom>/ground_truth.jsonl` (finding regions for the pointing game).
+ingest.resize, align), `<interim>/manifest.parquet` (reports: findings + impression, splits, views for the bank's
+strata), `<interim>/images_validate.npy` (heat maps), `<tokens>/tokens_<split>.npy` (checked against
+`<models>/vqgan`), `<models>/vqgan/` (the frozen codebook), and when present the phantom's
+`<phantom>/ground_truth.jsonl` (finding regions for the pointing game).
 Writes:
 - `<models>/align_checkpoints/`: resumable training state (a killed run resumes from it);
 - `<models>/align/`: config.json + model.safetensors (heads, patch encoder with the codebook, temperature),
@@ -63,7 +64,8 @@ def main() -> None:
         model, result = fit(p, train_pairs, validate, codebook, seed=params.base.seed, device=params.base.device,
                             live_dir=p.live_dir, workdir=work, out_dir=Path(paths.models) / "align_checkpoints")
         model.bank = build_bank(model, train_pairs.texts, train_pairs.grids, size=p.bank_size,
-                                min_support=p.bank_min_support, rule=p.bank_rule, mirror=p.bank_mirror, smooth=p.bank_smooth,
+                                min_support=p.bank_min_support, rule=p.bank_rule, mirror=p.bank_mirror,
+                                smooth=p.bank_smooth,
                                 strata=data["train"][1].view.to_numpy() if p.bank_strata == "view" else None)
         out = model.save(Path(paths.models) / "align", extra={
             "vqgan": {"path": vqgan_dir.as_posix(), "weights_sha256": sha},

@@ -7,15 +7,13 @@ import socket
 import numpy as np
 import pytest
 import torch
+from toys import KINDS, H, W, save_tiny_bert, toy_pairs
 
 from cxrsynth.config import AlignParams, ConfigError, params_from_dict
 from cxrsynth.keypatches import KeyPatchBank, terms_of_text
 from cxrsynth.models.align import (AlignModel, Pairs, PointingCase, basic_words, build_bank, contrastive_loss,
                                    filip_similarity, fit, load_text_encoder, pointing_metrics, region_cells,
                                    report_text, retrieval_metrics, top_positions, wordpiece_vocab)
-
-WORDS = ["there", "is", "a", "right", "left", "pleural", "effusion", "pneumothorax", "the", "heart", "enlarged",
-         "lungs", "are", "clear", "no", "findings", "impression", "moderate", "cardiomegaly"]
 
 
 def _norm(x):
@@ -74,20 +72,8 @@ def test_perfect_pairs_score_above_shuffled_pairs():
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     path = tmp_path_factory.mktemp("tiny_bert")
-    vocab = wordpiece_vocab([" ".join(WORDS) + " . ,"], 200)
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, unk_token="[UNK]",
-                            pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    assert len(tok) == len(vocab)
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=64), add_pooling_layer=False)
-    model.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path, model.eval(), tok
+    return path, *save_tiny_bert(path)
 
 
 def test_text_encoder_loads_from_a_local_folder_without_network(tiny_bert, monkeypatch):
@@ -130,29 +116,7 @@ def test_wordpiece_vocab_is_deterministic_and_covers_every_character():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# training on a toy set where each finding has its own codes at its own place
-
-H = W = 4
-KINDS = {  # text -> (code, cells)
-    "FINDINGS: There is a right pleural effusion.": (10, [(3, 0), (3, 1), (2, 0)]),
-    "FINDINGS: There is a left pneumothorax.": (12, [(0, 3), (0, 2), (1, 3)]),
-    "FINDINGS: The heart is enlarged. Moderate cardiomegaly.": (14, [(1, 1), (1, 2), (2, 1), (2, 2)]),
-    "FINDINGS: The lungs are clear.": (None, []),
-}
-
-
-def _toy(n_per: int, seed: int) -> Pairs:
-    rng = np.random.default_rng(seed)
-    texts, grids = [], []
-    for _ in range(n_per):
-        for text, (code, cells) in KINDS.items():
-            g = rng.integers(0, 6, size=(H, W))
-            for r, c in cells:
-                g[r, c] = code
-            texts.append(text)
-            grids.append(g)
-    return Pairs(texts, np.asarray(grids, np.uint16), np.arange(len(texts)) % len(KINDS))
-
+# training on a toy set where each finding has its own codes at its own place (tests/toys.py: KINDS)
 
 TOY_PARAMS = AlignParams(text_encoder="scratch", scratch_hidden=32, scratch_layers=1, scratch_heads=2,
                          text_head_layers=0, embed_dim=32, patch_dim=32, patch_layers=0, patch_heads=2, steps=80,
@@ -162,7 +126,7 @@ TOY_PARAMS = AlignParams(text_encoder="scratch", scratch_hidden=32, scratch_laye
 
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
-    train, val = _toy(6, 0), _toy(2, 1)
+    train, val = toy_pairs(6, 0), toy_pairs(2, 1)
     codebook = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     model, result = fit(TOY_PARAMS, train, val, codebook, seed=0, device="cpu", progress=False,
                         workdir=tmp_path_factory.mktemp("w"))

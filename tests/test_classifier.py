@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from toys import labeled_squares
 
 from cxrsynth.config import ClassifierParams
 from cxrsynth.models.folder import ModelFolderError
 from cxrsynth.eval.features import extract
 from cxrsynth.eval.metrics import fid
-from cxrsynth.models.classifier import (Augment, Classifier, ClassifierConfig, LabeledImages, augment, eval_targets,
+from cxrsynth.models.classifier import (Augment, Classifier, ClassifierConfig, augment, eval_targets,
                                         fit, label_targets, masked_bce, pos_weights, save_roc_png, split_report)
 from cxrsynth.text.chexpert import OBSERVATIONS
 
@@ -150,24 +151,11 @@ def test_feature_extractor_plugs_into_torchmetrics():
     assert np.allclose(extract(ext, a).values, model.features(a), atol=1e-6)
 
 
-def synthetic_set(n: int, seed: int) -> LabeledImages:
-    """Bright square top-left = label 0 present, bright bar at the bottom = label 1; the rest blank or uncertain."""
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 60, size=(n, 32, 32)).astype(np.uint8)
-    labels = np.full((n, 14), NAN)
-    has0, has1 = rng.random(n) < 0.5, rng.random(n) < 0.5
-    x[has0, 4:12, 4:12] = 230
-    x[has1, 26:30, 6:26] = 200
-    labels[:, 0], labels[:, 1] = has0.astype(float), np.where(has1, 1.0, NAN)
-    labels[::5, 2] = -1.0
-    return LabeledImages(x, labels)
-
-
 def test_fit_selects_on_validation_and_reports_stable_keys(tmp_path):
     params = ClassifierParams(input_size=32, width=4, depth=(1, 1), epochs=6, batch_size=16, lr=1e-2,
                               warmup_epochs=0.5, min_count=3, checkpoint_every_epochs=3, ema_decay=0.9,
                               aug_rotate_deg=3.0, aug_scale_min=0.95)
-    train_set, val_set, test_set = synthetic_set(64, 0), synthetic_set(24, 1), synthetic_set(24, 2)
+    train_set, val_set, test_set = labeled_squares(64, 0), labeled_squares(24, 1), labeled_squares(24, 2)
     model, result = fit(params, train_set, val_set, seed=0, device="cpu", out_dir=tmp_path / "ckpt",
                         live_dir=tmp_path / "live", progress=False)
     assert result.step == 6 * 4 and result.best_step is not None and len(result.history) == 6

@@ -28,13 +28,14 @@ import safetensors.torch
 import torch
 
 from images import blobs
+from toys import KINDS, labeled_squares, save_tiny_bert, toy_pairs
 
 from cxrsynth.config import AlignParams, ClassifierParams, CodebookParams
 from cxrsynth.keypatches import KeyPatch, KeyPatchBank, terms_of_text
-from cxrsynth.models.align import (AlignConfig, AlignModel, Pairs, build_bank, filip_similarity, retrieval_metrics,
-                                   scratch_text_encoder, wordpiece_vocab)
+from cxrsynth.models.align import (AlignConfig, AlignModel, build_bank, filip_similarity, retrieval_metrics,
+                                   scratch_text_encoder)
 from cxrsynth.models.align import fit as align_fit
-from cxrsynth.models.classifier import Classifier, ClassifierConfig, LabeledImages, split_report
+from cxrsynth.models.classifier import Classifier, ClassifierConfig, split_report
 from cxrsynth.models.classifier import fit as classifier_fit
 from cxrsynth.models.generator import (Generator, ModelSpec, build_tokenizer, image_loss, new_generator,
                                        sequence_batch, training_data, training_setup)
@@ -327,46 +328,13 @@ def test_classifier_cpu_and_cuda_agree_and_cuda_weights_load_on_cpu(tmp_path, ar
     assert np.array_equal(back.predict(x), p_cpu)
 
 
-# a tiny BERT and the toy alignment data of tests/test_align.py
-
-WORDS = ["there", "is", "a", "right", "left", "pleural", "effusion", "pneumothorax", "the", "heart", "enlarged",
-         "lungs", "are", "clear", "no", "findings", "impression", "moderate", "cardiomegaly"]
-KINDS = {  # text -> (code, cells)
-    "FINDINGS: There is a right pleural effusion.": (10, [(3, 0), (3, 1), (2, 0)]),
-    "FINDINGS: There is a left pneumothorax.": (12, [(0, 3), (0, 2), (1, 3)]),
-    "FINDINGS: The heart is enlarged. Moderate cardiomegaly.": (14, [(1, 1), (1, 2), (2, 1), (2, 2)]),
-    "FINDINGS: The lungs are clear.": (None, []),
-}
-
+# a tiny BERT and the toy alignment data of tests/toys.py
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     path = tmp_path_factory.mktemp("tiny_bert")
-    vocab = wordpiece_vocab([" ".join(WORDS) + " . ,"], 200)
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, unk_token="[UNK]",
-                            pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=64), add_pooling_layer=False)
-    model.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
+    save_tiny_bert(path)
     return path
-
-
-def toy_pairs(n_per: int, seed: int) -> Pairs:
-    rng = np.random.default_rng(seed)
-    texts, grids = [], []
-    for _ in range(n_per):
-        for text, (code, cells) in KINDS.items():
-            g = rng.integers(0, 6, size=(4, 4))
-            for r, c in cells:
-                g[r, c] = code
-            texts.append(text)
-            grids.append(g)
-    return Pairs(texts, np.asarray(grids, np.uint16), np.arange(len(texts)) % len(KINDS))
 
 
 def test_filip_similarity_cpu_and_cuda_agree():
@@ -655,27 +623,11 @@ def test_vqgan_trains_on_cuda_under_bf16_autocast_including_the_gan_phase(tmp_pa
         assert np.abs(vq.decode_tokens(g_cpu) - back.decode_tokens(g_cpu)).max() < 1e-4
 
 
-NAN = float("nan")
-
-
-def synthetic_set(n: int, seed: int) -> LabeledImages:
-    """tests/test_classifier.py's set: bright square top-left = label 0, bright bar at the bottom = label 1."""
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 60, size=(n, 32, 32)).astype(np.uint8)
-    labels = np.full((n, 14), NAN)
-    has0, has1 = rng.random(n) < 0.5, rng.random(n) < 0.5
-    x[has0, 4:12, 4:12] = 230
-    x[has1, 26:30, 6:26] = 200
-    labels[:, 0], labels[:, 1] = has0.astype(float), np.where(has1, 1.0, NAN)
-    labels[::5, 2] = -1.0
-    return LabeledImages(x, labels)
-
-
 def test_classifier_fit_on_cuda_under_bf16_selects_and_reloads_on_cpu(tmp_path):
     params = ClassifierParams(input_size=32, width=4, depth=(1, 1), epochs=6, batch_size=16, lr=1e-2,
                               warmup_epochs=0.5, min_count=3, checkpoint_every_epochs=3, ema_decay=0.9,
                               aug_rotate_deg=3.0, aug_scale_min=0.95, dtype=AUTO)
-    train_set, val_set, test_set = synthetic_set(64, 0), synthetic_set(24, 1), synthetic_set(24, 2)
+    train_set, val_set, test_set = labeled_squares(64, 0), labeled_squares(24, 1), labeled_squares(24, 2)
     model, result = classifier_fit(params, train_set, val_set, seed=0, device=CUDA.type,
                                    out_dir=tmp_path / "ckpt", progress=False)
     assert model.device.type == CUDA.type and result.step == 24 and result.best_step is not None

@@ -21,9 +21,10 @@ embedding); every training image's patch-similarity map to it is z-scored over t
 the mean over the images whose report has the key minus the mean over the other images of the same view (and the
 same difference of the patch embeddings themselves). Cells every chest lights up cancel; cells the finding adds
 remain. A left key pools its evidence with its right mirror key's, flipped. A pair key adds the maps of its
-pathology (on its side) and its anatomy, so a rare combination borrows its place from the anatomy. The best-scoring positions become the key's entries, each with the
-code its images hold there most often. Training the generator (terms of the image's own report) and synthesis
-(terms of the prompt) then both call `bank.select(terms, k)`, so nothing is read from the target image.
+pathology (on its side) and its anatomy, so a rare combination borrows its place from the anatomy. The best-scoring
+positions become the key's entries, each with the code its images hold there most often. Training the generator
+(terms of the image's own report) and synthesis (terms of the prompt) then both call `bank.select(terms, k)`, so
+nothing is read from the target image.
 
 A saved model is a folder: `config.json` + `model.safetensors` (heads, patch encoder with the codebook, temperature),
 `text_encoder/` (the BERT and its tokenizer, `save_pretrained` format) and `bank.json`. Loading never touches the
@@ -419,8 +420,8 @@ class AlignModel(nn.Module):
             hidden = self.text_hidden(input_ids, attention_mask)
         t = self.embed_text(hidden, attention_mask)
         p = self.embed_patches(grids)
-        out = {"fine": filip_similarity(t, word_mask, p, self.patch_mask(grids)), "scale": self.core.logit_scale.clamp(max=math.log(100.0))
-               .exp()}
+        out = {"fine": filip_similarity(t, word_mask, p, self.patch_mask(grids)),
+               "scale": self.core.logit_scale.clamp(max=math.log(100.0)).exp()}
         if self.config.global_weight > 0:
             out["global"] = global_similarity(t, word_mask, p)
         return out
@@ -683,8 +684,11 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
     n = len(grids)
     if strata is not None and len(strata) != n:
         raise ValueError(f"strata: {len(strata)} labels for {n} images")
+    labels, stratum = np.unique(np.asarray([str(v) for v in strata] if strata is not None else [""] * n, dtype=str),
+                                return_inverse=True)
+    n_strata = len(labels)
     meta = {"min_support": min_support, "size": size, "rule": rule, "mirror": bool(mirror), "smooth": float(smooth),
-            "strata": None if strata is None else sorted({str(v) for v in strata})}
+            "strata": None if strata is None else labels.tolist()}
     was = model.training
     model.eval()
     support, query = _key_queries(model, texts, batch_size)
@@ -695,9 +699,6 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
     member = np.zeros((n, len(keys)), bool)
     for k, key in enumerate(keys):
         member[support[key], k] = True
-    stratum = (np.zeros(n, np.int64) if strata is None
-               else np.unique(np.asarray([str(v) for v in strata]), return_inverse=True)[1].astype(np.int64))
-    n_strata = int(stratum.max()) + 1
     q = torch.stack([query[key] for key in keys])
     # per stratum v: sums over all images and over each key's images (query maps; patch embeddings)
     total = np.zeros((n_strata, len(keys), h, w))
