@@ -2,7 +2,9 @@
 held-out pointing game, so rules and models can be told apart from noise).
 
     python -m bench.align_bank                         # models/align: every rule in BANK_RULES, then the stage's
-                                                       # rule without view strata, without mirror pooling, neither
+                                                       # rule in the other shift space, with bank_adjust
+                                                       # flipped, without view strata, without mirror pooling,
+                                                       # and the previous release's rule (patches, none of them)
     python -m bench.align_bank models/align shift,text # another trained align folder, chosen rules
 
 For each fold the bank is built (`build_bank`, the stage's size, min_support, strata and mirror unless a line says
@@ -39,10 +41,15 @@ def main(argv: list[str]) -> None:
     p, paths = params.align, params.paths
     folder = Path(argv[0]) if argv else Path(paths.models) / "align"
     rules = argv[1].split(",") if len(argv) > 1 else list(BANK_RULES)
-    variants = [(rule, p.bank_strata == "view", p.bank_mirror) for rule in rules]
-    if len(argv) <= 1:  # what the view strata and the mirror pooling each add, under the stage's rule
-        variants += [(p.bank_rule, False, p.bank_mirror), (p.bank_rule, p.bank_strata == "view", False),
-                     (p.bank_rule, False, False)]
+    strata0 = p.bank_strata == "view"
+    other = "patches" if p.bank_space == "codes" else "codes"
+    variants = [(rule, p.bank_space, strata0, p.bank_mirror, p.bank_adjust) for rule in rules]
+    if len(argv) <= 1:  # what the space, adjustment, view strata and mirror pooling each add, under the stage's rule
+        variants += [(p.bank_rule, other, strata0, p.bank_mirror, p.bank_adjust),
+                     (p.bank_rule, p.bank_space, strata0, p.bank_mirror, not p.bank_adjust),
+                     (p.bank_rule, p.bank_space, False, p.bank_mirror, p.bank_adjust),
+                     (p.bank_rule, p.bank_space, strata0, False, p.bank_adjust),
+                     (p.bank_rule, "patches", False, False, False)]
     model = AlignModel.load(folder)
     sha = weights_sha256(Path(paths.models) / "vqgan")
     manifest = pd.read_parquet(Path(paths.interim) / "manifest.parquet")
@@ -59,16 +66,17 @@ def main(argv: list[str]) -> None:
     fold = rows.subject_id.to_numpy().astype(np.int64) % 2  # by patient: no patient on both sides
     held = [(data[s][0], [truth.get(d) for d in data[s][1].dicom_id]) for s in ("validate", "test") if s in data]
     print(f"{folder}: {len(train.texts)} training images, folds {np.bincount(fold).tolist()}, k={p.pointing_k}")
-    print("rule  strata mirror " + " ".join(f"{f[:12]:>16s}" for f in FINDINGS))
+    print("rule  space   strata mirror adjust " + " ".join(f"{f[:12]:>16s}" for f in FINDINGS))
     views = rows.view.to_numpy()
-    for rule, strata, mirror in variants:
+    for rule, space, strata, mirror, adjust in variants:
         cases = []
         for f in (0, 1):
             build, other = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
             bank_pairs = _subset(train, build)
             model.bank = build_bank(model, bank_pairs.texts, bank_pairs.grids, size=p.bank_size,
                                     min_support=p.bank_min_support, rule=rule, mirror=mirror, smooth=p.bank_smooth,
-                                    strata=views[build] if strata else None)
+                                    strata=views[build] if strata else None, adjust=adjust, ridge=p.bank_ridge,
+                                    space=space)
             evals = [(_subset(train, other), [truth.get(d) for d in rows.dicom_id.to_numpy()[other]]), *held]
             for pairs, tru in evals:
                 cases += pointing_cases(model, pairs, tru, k=p.pointing_k, image_size=params.ingest.image_size,
@@ -78,7 +86,8 @@ def main(argv: list[str]) -> None:
         for f in FINDINGS:
             r, n = m.get(f"pointing/ratio_bank/{f}"), m.get(f"pointing/n_with_bank/{f}")
             cells.append(f"{'-' if r is None else f'{r:.2f}':>8s} (n={n or 0:3d})")
-        print(f"{rule:5s} {'view' if strata else 'none':6s} {'yes' if mirror else 'no':6s} " + " ".join(cells),
+        print(f"{rule:5s} {space:7s} {'view' if strata else 'none':6s} {'yes' if mirror else 'no':6s} "
+              f"{'yes' if adjust else 'no':6s} " + " ".join(cells),
               flush=True)
 
 

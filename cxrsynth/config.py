@@ -343,6 +343,12 @@ class AlignParams:
     bank_mirror: bool = _opt(True, doc="pool a left key's evidence with its right mirror key's, flipped (and back)")
     bank_smooth: float = _opt(1.0, lo=0.0, hi=8.0, doc="Gaussian blur (grid cells) of each bank key's score map; "
                               "0 = off")
+    bank_adjust: bool = _opt(False, doc="a pathology key's difference is fitted per cell together with the other "
+                             "pathologies of the training reports, so co-occurring findings and devices do not lend it "
+                             "their places")
+    bank_ridge: float = _opt(1.0, lo=0.0, hi=1e6, doc="ridge penalty on the co-occurring pathologies (bank_adjust)")
+    bank_space: str = _opt("codes", choices=("codes", "patches"), doc="where the shift rule compares a key's images "
+                           "with the others: the frozen VQ-GAN code vectors | the trained patch embeddings")
     pointing_k: int = _opt(5, lo=1, hi=256, doc="top-k cells of the pointing game (metric only; the generator has "
                                                 "its own k)")
     heatmap_examples: int = _opt(2, lo=0, hi=20, doc="validate examples per finding in metrics/align_heatmaps.png")

@@ -30,7 +30,6 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from cxrsynth.keypatches import BANK_FILE, KeyPatch, terms_from_json, terms_of_t
 from cxrsynth.models.generator import Generator, folder_sha256, position_ids, report_text
 from cxrsynth.shards import ShardError, check_shards, digest, shard_range, write_shard
 from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.train import autocast_context
 
 MANIFEST_COLUMNS = (["synthetic_id", "prompt_id", "sample", "kind", "text", "view", "terms", "key_patches", "seed",
                      "file"] + list(OBSERVATIONS)
@@ -167,12 +167,6 @@ def _cache_of(res):
     return cache if cache is not None else res.past_key_values
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 @torch.no_grad()
 def sample_codes(gen: Generator, prompts: Sequence[tuple[list[int], list[int]]], seeds: Sequence[int],
                  sampling: Sampling, views: Sequence[str] | None = None, progress: bool = False,
@@ -205,7 +199,7 @@ def sample_codes(gen: Generator, prompts: Sequence[tuple[list[int], list[int]]],
         ids, mask = ids.to(device), mask.to(device)
         pos = position_ids(mask)
         codes = torch.zeros(b, hw, dtype=torch.long)
-        with _autocast(device, sampling.dtype):
+        with autocast_context(device, sampling.dtype):  # auto: bf16 only where the GPU has it
             res = gen.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
             past, last = _cache_of(res), pos[:, -1:]
             for t in range(hw):

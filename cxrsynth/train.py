@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -519,9 +519,23 @@ def train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg:
     t0 = time.perf_counter()
     info = _init_distributed(cfg.device)
     device = pick_device(cfg.device, info.local_rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    with _tf32(device.type == "cuda"):  # TF32 matmuls while training; the caller's settings come back afterwards
+        return _train(model, loss_fn, batches, cfg, evaluate, t0=t0, info=info, device=device)
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg: TrainConfig,
+           evaluate: EvalFn | None, *, t0: float, info: DistInfo, device: torch.device) -> TrainResult:
     model.to(device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     kept = ema.model if ema is not None else model  # the weights evaluated, selected and handed back

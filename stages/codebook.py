@@ -58,6 +58,7 @@ def main() -> None:
     metrics = {"val_psnr": round(val["psnr"], 3), "val_ssim": round(val["ssim"], 4),
                "val_usage": round(val["usage"], 4), "val_codes_used": val["codes_used"],
                "val_perplexity": round(val["perplexity"], 2),
+               "val_position_entropy": round(val["position_entropy"], 4) if "position_entropy" in val else None,
                "quantizer": p.quantizer, "preset": p.preset, "codebook_size": p.codebook_size,
                "grid_size": p.grid_size, "image_size": p.image_size, "embed_dim": p.embed_dim,
                "quantizer_name": QUANTIZER_NAMES[p.quantizer], "parameters": n_params, "steps": result.step,

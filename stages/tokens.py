@@ -72,7 +72,9 @@ def main() -> None:
         stored = load_tokens(paths.tokens, split, expected_sha256=sha)  # read back through the checked reader
         usage = code_usage(stored, meta.codebook_size)
         metrics[split] = {"count": int(len(stored)), "codes_used": usage["codes_used"],
-                          "usage": round(usage["usage"], 4), "perplexity": round(usage["perplexity"], 2)}
+                          "usage": round(usage["usage"], 4), "perplexity": round(usage["perplexity"], 2),
+                          "position_entropy": round(usage["position_entropy"], 4) if "position_entropy" in usage
+                          else None}
         if split != "train":  # the round trip: stored tokens -> pixels, against the (resized) originals
             images = load_split(paths.interim, split)
             decoded = torch.from_numpy(model.decode_tokens(stored, batch_size=p.batch_size))

@@ -226,6 +226,66 @@ def test_bank_compares_within_views(toy_model):
         build_bank(model, pairs.texts, pairs.grids, strata=views[:-1])
 
 
+def test_bank_shift_in_code_space_does_not_need_the_patch_encoder(toy_model):
+    # the patch encoder made blind (every cell embeds alike): the trained-patch shift sees nothing, the frozen code
+    # vectors still show where the effusion images differ
+    model = toy_model[0]
+    cells = KINDS[EFFUSION][1]
+    pairs, views = _bank_set([(EFFUSION, 10, cells, "PA", 6), (CLEAR, None, [], "PA", 8)], 5)
+    blind = AlignModel(model.config, model.text_encoder, model.tokenizer)
+    blind.core.load_state_dict(model.core.state_dict())
+    with torch.no_grad():
+        blind.core.patch_encoder.inp.weight.zero_()
+        blind.core.patch_encoder.row.zero_()
+        blind.core.patch_encoder.col.zero_()
+    key = "pleural effusion|right pleural space"
+    codes = build_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="codes")
+    patches = build_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="patches")
+    assert codes.meta["space"] == "codes" and patches.meta["space"] == "patches"
+    assert set((kp.row, kp.col) for kp in codes.entries[key]) == set(cells)
+    assert set((kp.row, kp.col) for kp in patches.entries[key]) != set(cells)
+    with pytest.raises(ValueError, match="space"):
+        build_bank(model, pairs.texts, pairs.grids, space="pixels")
+
+
+def test_bank_adjustment_takes_a_co_occurring_finding_out_of_the_map(toy_model):
+    # every effusion report also names cardiomegaly, and so do other reports: without adjustment the effusion's map
+    # also lights the heart (its images differ there from the clear films); fitted together, the heart is
+    # cardiomegaly's and the effusion keeps only its own cells
+    model = toy_model[0]
+    eff, heart = KINDS[EFFUSION][1], KINDS["FINDINGS: The heart is enlarged. Moderate cardiomegaly."][1]
+    both = "FINDINGS: There is a right pleural effusion. The heart is enlarged. Moderate cardiomegaly."
+    rng = np.random.default_rng(7)
+    texts, grids = [], []
+    for text, marks, copies in ((both, [(10, eff), (14, heart)], 6),
+                                ("FINDINGS: The heart is enlarged. Moderate cardiomegaly.", [(14, heart)], 6),
+                                (CLEAR, [], 8)):
+        for _ in range(copies):
+            g = rng.integers(0, 6, size=(H, W))
+            for code, cells in marks:
+                for r, c in cells:
+                    g[r, c] = code
+            texts.append(text)
+            grids.append(g)
+    grids = np.asarray(grids, np.uint16)
+
+    def ranks(bank):
+        order = [(kp.row, kp.col) for kp in bank.entries["pleural effusion"]]
+        return sorted(order.index(c) for c in heart), set(order[:3])
+
+    plain = build_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0)
+    fitted = build_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0,
+                        adjust=True)
+    assert fitted.meta["adjust"] and not plain.meta["adjust"]
+    heart_plain, top_plain = ranks(plain)
+    heart_fitted, top_fitted = ranks(fitted)
+    assert top_plain == top_fitted == set(eff)
+    assert heart_plain == [3, 4, 5, 6]           # right after the effusion's own cells
+    assert min(heart_fitted) >= 7                 # now among the background cells
+    # cardiomegaly's own map keeps the heart
+    assert set((kp.row, kp.col) for kp in fitted.entries["cardiomegaly"][:4]) == set(heart)
+
+
 def test_bank_mirror_pools_left_and_right(toy_model):
     # one right pneumothorax (below min_support) and four left ones: mirrored, the left ones say where it goes
     model = toy_model[0]
@@ -334,9 +394,13 @@ def test_pointing_metrics_against_area_share():
 def test_background_codes_are_masked_out_of_the_maps(toy_model):
     from cxrsynth.models.align import background_codes
 
-    g = np.zeros((10, 4, 4), np.uint16) + 3
+    g = np.zeros((10, 8, 8), np.uint16) + 3
+    g[:, 2:6, 2:6] = 5  # the chest: code 5 fills the grid's central half
     g[:1, 0, 0] = 7  # one image in ten has code 7 in a corner
     assert background_codes(g, share=0.05) == (3, 7) and background_codes(g, share=0.2) == (3,)
+    # a corner code that also makes up the chest (dark lung and letterbox sharing a code) is not empty film
+    g[:2, 3, 3] = 3  # 2 of the 160 central cells: within inner_rate 0.02, beyond 0.005
+    assert background_codes(g, share=0.2, inner_rate=0.02) == (3,) and background_codes(g, share=0.2) == ()
     model, _, _, val = toy_model
     masked = dataclasses.replace(model.config, background_codes=(10,))  # the effusion code is now "empty film"
     clone = AlignModel(masked, model.text_encoder, model.tokenizer)

@@ -62,7 +62,7 @@ TEXTS = ["FINDINGS: Moderate right pleural effusion.\n\nIMPRESSION: Right pleura
 
 @pytest.fixture(autouse=True)
 def restore_tf32():
-    """`train()` turns TF32 on for the whole process; no test may leave it changed for the next one."""
+    """No test may leave the TF32 switches changed for the next one (`train()` restores them itself)."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

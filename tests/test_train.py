@@ -319,3 +319,20 @@ def test_frozen_weights_stay_out_of_checkpoints_and_guard_resume(tmp_path):
     # other frozen weights (say, another pretrained encoder at the same path) make it another run: no resume
     result = train(PartlyFrozen(frozen_seed=8), loss_fn, batches, c)
     assert result.resumed_from == 0
+
+
+def test_tf32_is_switched_on_for_training_only_and_restored():
+    from cxrsynth.train import _tf32
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with _tf32(True):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError), _tf32(True):  # restored when training fails, too
+            raise RuntimeError("boom")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with _tf32(False):  # a CPU run leaves the caller's settings alone
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

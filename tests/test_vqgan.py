@@ -142,6 +142,26 @@ def test_metrics_against_hand_values():
     u = code_usage(np.array([[0, 0, 1, 1]]), 4)
     assert u["codes_used"] == 2 and u["usage"] == 0.5 and u["perplexity"] == pytest.approx(2.0)
     assert code_usage(np.zeros(9, int), 8)["perplexity"] == pytest.approx(1.0)
+    assert "position_entropy" not in code_usage(np.zeros(9, int), 8)  # flat indices: no grid positions
+
+
+def test_position_entropy_counts_codes_per_grid_position():
+    grids = np.zeros((4, 2, 2), np.int64)
+    grids[:, 0, 0] = 7                       # one code at this position: 0 nats
+    grids[:, 0, 1] = [1, 2, 1, 2]            # two codes, equally often: log 2
+    grids[:, 1, 0] = [0, 1, 2, 3]            # four codes: log 4
+    grids[:, 1, 1] = [5, 5, 5, 6]            # 3/4, 1/4
+    h11 = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    u = code_usage(grids, 8)
+    assert u["position_entropy"] == pytest.approx((0 + np.log(2) + np.log(4) + h11) / 4)
+    # the same codes shuffled over positions: the pooled histogram (perplexity) is unchanged, the positions are not
+    # predictable any more
+    shuffled = np.random.default_rng(0).permutation(grids.reshape(-1)).reshape(grids.shape)
+    assert code_usage(shuffled, 8)["perplexity"] == pytest.approx(u["perplexity"])
+    assert code_usage(shuffled, 8)["position_entropy"] > u["position_entropy"]
+    # a torch tensor and a uint16 array (the stored token format) give the same number
+    assert code_usage(torch.from_numpy(grids), 8)["position_entropy"] == pytest.approx(u["position_entropy"])
+    assert code_usage(grids.astype(np.uint16), 8)["position_entropy"] == pytest.approx(u["position_entropy"])
     assert torch.allclose(to_unit(to_model_input(np.array([[[0, 255]]], np.uint8), 2)).flatten()[[0, 1]],
                           torch.tensor([0.0, 1.0]))
 

@@ -591,12 +591,14 @@ def zscore(m: np.ndarray) -> np.ndarray:
 
 
 def _key_queries(model: AlignModel, texts: Sequence[str], batch_size: int
-                 ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+                 ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], set[str]]:
     """Per bank key: the training images whose report mentions it (present or uncertain, one entry per image) and
     its query vector, the L2-normalised mean contextual embedding of the finding's words over those reports (for an
-    anatomy key too: on the phantom, the anatomy phrase's own words localized worse)."""
+    anatomy key too: on the phantom, the anatomy phrase's own words localized worse); and the pathologies named
+    (the plain pathology keys)."""
     support: dict[str, list[int]] = {}
     sums: dict[str, torch.Tensor] = {}
+    pathologies: set[str] = set()
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
         tb, emb = model._text(chunk)
@@ -610,40 +612,70 @@ def _key_queries(model: AlignModel, texts: Sequence[str], batch_size: int
                         and any(a < s1 and b > s0 for s0, s1 in spans[term.pathology])]
                 if not path:
                     continue
+                pathologies.add(term.pathology)
                 for key in term_keys(term):
                     if support.get(key) and support[key][-1] == i:  # one entry per image and key
                         continue
                     e = emb[j, path].float().mean(0).cpu()
                     support.setdefault(key, []).append(i)
                     sums[key] = sums[key] + e if key in sums else e.clone()
-    return support, {k: F.normalize(v, dim=0) for k, v in sums.items()}
+    return support, {k: F.normalize(v, dim=0) for k, v in sums.items()}, pathologies
+
+
+def key_pathology(key: str, pathologies: set[str] | frozenset[str]) -> str | None:
+    """The pathology a bank key is about (`p|anatomy`, `p@side`, `p`), or None for an anatomy key."""
+    head = key.split("|", 1)[0].split("@", 1)[0]
+    return head if head in pathologies else None
+
+
+def _adjusted_effects(z: np.ndarray, zy: np.ndarray, k: int, covariates: Sequence[int], intercepts: Sequence[int],
+                      ridge: float) -> tuple[np.ndarray, float]:
+    """Least squares of an outcome on [key k, covariate keys, stratum intercepts] from sufficient statistics
+    (z = Z^T Z of all membership and stratum columns, zy = Z^T Y with the outcome's cells in its trailing axes):
+    the coefficient of key k (the mean difference its images show once the covariates and strata are accounted
+    for) and its variance factor [(Z^T Z)^-1]_kk (times the outcome's residual variance: its sampling variance).
+    The covariates carry a ridge penalty, so a covariate that always comes with key k cannot take its effect."""
+    cols = [k, *covariates, *intercepts]
+    a = z[np.ix_(cols, cols)].astype(np.float64)
+    penalty = np.zeros(len(cols))
+    penalty[1:1 + len(covariates)] = ridge
+    a = a + np.diag(penalty + 1e-6)
+    row = np.linalg.solve(a, np.eye(len(cols))[:, 0])  # the first row of a^-1 (a is symmetric)
+    beta = np.tensordot(row, zy[cols], axes=(0, 0))
+    return beta, float(row[0])
 
 
 @torch.no_grad()
-def _query_maps(model: AlignModel, grids: np.ndarray, queries: torch.Tensor, batch_size: int):
-    """Yield (first row, maps B x K x H x W, patches B x HW x D): each image's patch similarity to each query, empty
-    film set to the map's minimum, z-scored over the grid (so every image weighs the same); and its L2-normalised
-    patch embeddings, empty film set to 0."""
+def _query_maps(model: AlignModel, grids: np.ndarray, queries: torch.Tensor, batch_size: int,
+                space: str = "patches"):
+    """Yield (first row, maps B x K x H x W, vectors B x HW x D): each image's patch similarity to each query, empty
+    film set to the map's minimum, z-scored over the grid (so every image weighs the same); and per cell, by
+    `space`, its L2-normalised patch embedding (`patches`) or its code's frozen VQ-GAN codebook vector (`codes`),
+    empty film set to 0."""
     h, w = model.config.grid
     q = queries.to(model.device)
+    codebook = model.core.patch_encoder.codebook
     for start in range(0, len(grids), batch_size):
         g = model._grids(grids[start:start + batch_size])
         p = F.normalize(model.embed_patches(g).float(), dim=-1)
         s = torch.einsum("bpd,kd->bkp", p, q)
+        v = p if space == "patches" else codebook[g.long().reshape(len(g), -1)].float()
         pm = model.patch_mask(g)
         if pm is not None:
             s = torch.where(pm[:, None, :], s, s.amin(-1, keepdim=True))
-            p = p * pm[:, :, None]
+            v = v * pm[:, :, None]
         s = (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
-        yield start, s.reshape(len(g), -1, h, w).double().cpu().numpy(), p.double().cpu().numpy()
+        yield start, s.reshape(len(g), -1, h, w).double().cpu().numpy(), v.double().cpu().numpy()
 
 
 BANK_RULES = ("shift", "text", "both")
+BANK_SPACES = ("codes", "patches")
 
 
 def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, size: int = 16,
                min_support: int = 3, rule: str = "both", mirror: bool = True, strata: Sequence | None = None,
-               smooth: float = 1.0, batch_size: int = 64) -> KeyPatchBank:
+               smooth: float = 1.0, adjust: bool = False, ridge: float = 1.0, space: str = "patches",
+               batch_size: int = 64) -> KeyPatchBank:
     """The key-patch bank from training pairs: where the trained model's patches change when a report mentions a
     term, compared within strata (view), pooled over mirror sides, with pair keys composed from their parts.
 
@@ -665,6 +697,13 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
        magnification). Cells every chest shows alike score nothing; what the finding adds remains. `smooth`
        (grid cells, 0 = off) blurs the map with a Gaussian: findings cover neighbouring cells, chance peaks are
        single cells.
+       `adjust`: a key about a pathology (`p`, `p@side`, `p|anatomy`) gets its difference from a least-squares fit
+       per cell instead (`_adjusted_effects`): the outcome on the key, the other pathologies named in the training
+       reports (with `min_support` images; ridge `ridge`) and one intercept per stratum. Findings that come together
+       (a pneumothorax with the ICU's tubes and lines and the trauma patient's rib fractures) then no longer lend
+       each other their places: without it, a key's map shows wherever its images differ, the co-occurring
+       devices included. The noise scale is the cell's pooled within-stratum variance times the fit's variance
+       factor (1/n_in + 1/n_out without covariates). Anatomy keys keep the plain difference.
     3. `mirror`: a lateralised key (`key_side`) pools its map with its mirror key's (`left` <-> `right`) flipped
        left to right, weighted by their images: a left pneumothorax teaches where a right one goes, which doubles
        the evidence of rare findings (it assumes a chest centred on the grid, as ingest's square resize gives).
@@ -679,6 +718,8 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
     Streams over the images (two passes), so the memory does not grow with the training set."""
     if rule not in BANK_RULES:
         raise ValueError(f"bank rule must be one of {BANK_RULES}, got {rule!r}")
+    if space not in BANK_SPACES:
+        raise ValueError(f"bank space must be one of {BANK_SPACES}, got {space!r}")
     h, w = model.config.grid
     grids = np.asarray(grids)
     n = len(grids)
@@ -688,10 +729,11 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
                                 return_inverse=True)
     n_strata = len(labels)
     meta = {"min_support": min_support, "size": size, "rule": rule, "mirror": bool(mirror), "smooth": float(smooth),
-            "strata": None if strata is None else labels.tolist()}
+            "strata": None if strata is None else labels.tolist(), "adjust": bool(adjust), "space": space,
+            **({"ridge": float(ridge)} if adjust else {})}
     was = model.training
     model.eval()
-    support, query = _key_queries(model, texts, batch_size)
+    support, query, pathologies = _key_queries(model, texts, batch_size)
     keys = sorted(support)
     if not keys or n < 2:
         model.train(was)
@@ -700,6 +742,9 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
     for k, key in enumerate(keys):
         member[support[key], k] = True
     q = torch.stack([query[key] for key in keys])
+    # the regression design for `adjust`: key memberships, then one column per stratum
+    design = np.concatenate([member, np.eye(n_strata, dtype=bool)[stratum]], 1).astype(np.float64)
+    z_maps = z_emb = None
     # per stratum v: sums over all images and over each key's images (query maps; patch embeddings)
     total = np.zeros((n_strata, len(keys), h, w))
     total_sq = np.zeros((n_strata, len(keys), h, w))
@@ -707,7 +752,7 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
     emb_total: np.ndarray | None = None
     emb_inside: np.ndarray | None = None
     emb_sq = np.zeros((n_strata, h * w))
-    for start, maps, patches in _query_maps(model, grids, q, batch_size):
+    for start, maps, patches in _query_maps(model, grids, q, batch_size, space):
         m = member[start:start + len(maps)].astype(np.float64)
         onehot = np.eye(n_strata)[stratum[start:start + len(maps)]]
         total += np.einsum("bv,bkhw->vkhw", onehot, maps)
@@ -718,6 +763,12 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
         emb_total = e_all if emb_total is None else emb_total + e_all
         emb_inside = e_in if emb_inside is None else emb_inside + e_in
         emb_sq += np.einsum("bv,bpd->vp", onehot, patches ** 2)
+        if adjust:  # Z^T Y for the query maps (per key) and the patch embeddings
+            zb = design[start:start + len(maps)]
+            zm = np.einsum("bz,bkhw->zkhw", zb, maps, optimize=True)
+            ze = np.einsum("bz,bpd->zpd", zb, patches, optimize=True)
+            z_maps = zm if z_maps is None else z_maps + zm
+            z_emb = ze if z_emb is None else z_emb + ze
     n_v = np.bincount(stratum, minlength=n_strata).astype(np.float64)[:, None]                # V x 1
     n_in = np.stack([member[stratum == v].sum(0) for v in range(n_strata)]).astype(np.float64)  # V x K
     n_out = n_v - n_in
@@ -741,6 +792,25 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
         var = np.maximum(emb_sq / nv - (emb_total ** 2).sum(-1) / nv ** 2, 1e-6)                # V x HW
         dist = dist / np.sqrt(np.einsum("vk,vp->kp", spread, var))
         maps_of["shift"] = dist.reshape(len(keys), h, w)
+    if adjust:
+        gram = design.T @ design
+        intercepts = list(range(len(keys), len(keys) + n_strata))
+        dof = max(n - n_strata, 1)
+        covariate_of = {key: k for k, key in enumerate(keys) if key in pathologies and len(support[key]) >= min_support}
+        var_maps = np.maximum((total_sq - total ** 2 / nv[..., None, None]).sum(0) / dof, 1e-6)   # K x H x W
+        var_emb = np.maximum((emb_sq - (emb_total ** 2).sum(-1) / nv).sum(0) / dof, 1e-6)         # HW
+        for k, key in enumerate(keys):
+            own_pathology = key_pathology(key, pathologies)
+            if own_pathology is None:
+                continue
+            covariates = [c for name, c in covariate_of.items() if name != own_pathology and c != k]
+            if "text" in maps_of:
+                beta, factor = _adjusted_effects(gram, z_maps[:, k], k, covariates, intercepts, ridge)
+                maps_of["text"][k] = beta / np.sqrt(var_maps[k] * max(factor, 1e-12))
+            if "shift" in maps_of:
+                beta, factor = _adjusted_effects(gram, z_emb, k, covariates, intercepts, ridge)
+                maps_of["shift"][k] = (np.linalg.norm(beta, axis=-1) / np.sqrt(var_emb * max(factor, 1e-12))
+                                       ).reshape(h, w)
     raw = {key: zscore(sum(zscore(mp[k]) for mp in maps_of.values())) for k, key in enumerate(keys)}
     if smooth > 0:  # findings cover neighbouring cells, chance peaks are single cells
         raw = {key: zscore(ndimage.gaussian_filter(v, smooth, mode="nearest")) for key, v in raw.items()}
@@ -849,17 +919,23 @@ class Pairs:
             raise ValueError(f"{len(self.texts)} texts, {len(self.grids)} grids, {len(self.groups)} groups")
 
 
-def background_codes(grids: np.ndarray, share: float = 0.02) -> tuple[int, ...]:
-    """Codes of empty film: those found in the four corner cells of at least `share` of the images."""
+def background_codes(grids: np.ndarray, share: float = 0.02, inner_rate: float = 0.005) -> tuple[int, ...]:
+    """Codes of empty film: those found in the four corner cells of at least `share` of the images, and in at most
+    `inner_rate` of the cells of the grid's central half (where the chest is). A small codebook may spend one code on
+    the letterbox and on dark lung alike (the phantom's no-revival codebook does: the corner codes fill 1-4% of the
+    central cells, and a pneumothorax's lucent apex is made of them); masking such a code would hide lung."""
     g = np.asarray(grids)
     if not len(g):
         return ()
+    h, w = g.shape[1:]
     corners = np.stack([g[:, 0, 0], g[:, 0, -1], g[:, -1, 0], g[:, -1, -1]], 1)
     seen: dict[int, int] = {}
     for row in corners:
         for c in set(int(x) for x in row):
             seen[c] = seen.get(c, 0) + 1
-    return tuple(sorted(c for c, n in seen.items() if n >= share * len(g)))
+    inner = g[:, h // 4:h - h // 4, w // 4:w - w // 4].astype(np.int64).ravel()
+    rate = np.bincount(inner, minlength=max(seen, default=0) + 1) / max(len(inner), 1)
+    return tuple(sorted(c for c, n in seen.items() if n >= share * len(g) and rate[c] <= inner_rate))
 
 
 def build_model(p, texts: Sequence[str], codebook: torch.Tensor, grid: tuple[int, int], workdir: str | Path,

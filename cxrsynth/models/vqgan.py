@@ -345,17 +345,29 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return s.flatten(1).mean(1).float()
 
 
+def _entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of histograms along the last dimension (0 for an empty one)."""
+    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return -(p * p.clamp(min=1e-300).log()).sum(-1)
+
+
 def code_usage(indices: np.ndarray | torch.Tensor, codebook_size: int) -> dict[str, float]:
     """Share of the codebook used by these indices, and the perplexity exp(H) of their code histogram (in codes;
-    codebook_size when uniform, 1 when a single code)."""
+    codebook_size when uniform, 1 when a single code). For grids (N x h x w) also `position_entropy`: the entropy
+    (nats) of the codes seen at each grid position over the N grids, averaged over positions. It is what a model
+    that knows only the position would pay per token, so it tracks how hard the generator's job is: a codebook
+    that spends many codes on near-identical patches (blank film) scores high there with no gain in fidelity."""
     idx = indices.long() if isinstance(indices, torch.Tensor) else \
         torch.from_numpy(np.asarray(indices).astype(np.int64))  # a copy: memmaps are read-only
-    idx = idx.flatten()
-    counts = torch.bincount(idx, minlength=codebook_size).double()
-    p = counts / counts.sum().clamp(min=1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).double().mean()),
-            "perplexity": float(entropy.exp())}
+    counts = torch.bincount(idx.flatten(), minlength=codebook_size).double()
+    out = {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).double().mean()),
+           "perplexity": float(_entropy(counts).exp())}
+    if idx.dim() >= 3 and len(idx):
+        per_pos = idx.flatten(1).T  # positions x N
+        hist = torch.zeros(per_pos.shape[0], codebook_size, dtype=torch.float64)
+        hist.scatter_add_(1, per_pos, torch.ones_like(per_pos, dtype=torch.float64))
+        out["position_entropy"] = float(_entropy(hist).mean())
+    return out
 
 
 @torch.no_grad()

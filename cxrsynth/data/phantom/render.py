@@ -874,9 +874,15 @@ def _f_effusion(ctx, g, i, f):
     ctx.region(i, f.kind, mask, g.lung_box(s0), with_rle=True)
 
 
+# pneumothorax: the collapsed lung's size relative to the full lung (toward a pivot at the lower hilum), and how much
+# darker than aerated lung the air gap is
+PTX_SCALE = {"small": 0.8, "moderate": 0.7, "large": 0.55}
+PTX_AIR = 0.8
+
+
 def _f_pneumothorax(ctx, g, i, f):
     X, Y = ctx.X, ctx.Y
-    scale = {"small": 0.9, "moderate": 0.8, "large": 0.66}.get(f.severity, 0.8)
+    scale = PTX_SCALE.get(f.severity, PTX_SCALE["moderate"])
     total = np.zeros_like(X)
     for s in _sides(f):
         # the lung collapses toward a pivot at the lower hilum: the gap is widest at the apex and laterally
@@ -886,7 +892,7 @@ def _f_pneumothorax(ctx, g, i, f):
         collapsed = _soft(sd_in, g.edge)
         gapm = np.clip(ctx.lung[s] - collapsed, 0, 1)
         line = np.exp(-((sd_in / max(0.7, 0.9 * ctx.sc)) ** 2)) * ctx.lung[s] * (Y < py)
-        ctx.air_scale *= 1 + F32(0.22) * gapm + F32(-0.15 * (1 - scale)) * collapsed
+        ctx.air_scale *= 1 + F32(PTX_AIR) * gapm + F32(-0.15 * (1 - scale)) * collapsed
         ctx.mark_vis *= 1 - gapm
         ctx.add += F32(0.085) * line.astype(F32)
         total = np.maximum(total, gapm)

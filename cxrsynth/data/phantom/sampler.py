@@ -16,7 +16,7 @@ from cxrsynth.config import FixtureParams
 from cxrsynth.data.phantom.truth import Anatomy, Finding, ImageTruth, Pose, StudyTruth
 
 ARCHETYPES: dict[str, float] = {
-    "healthy": 0.32, "cardiac": 0.17, "infection": 0.14, "icu": 0.21, "oncology": 0.08, "trauma": 0.08,
+    "healthy": 0.30, "cardiac": 0.17, "infection": 0.14, "icu": 0.21, "oncology": 0.08, "trauma": 0.10,
 }
 # MIMIC's typical matrix sizes (rows, columns) before scaling.
 MATRIX = {"PA": (3056, 2544), "AP": (2539, 2705), "LATERAL": (3056, 2544), "LL": (3056, 2544)}
@@ -99,10 +99,10 @@ _ARCHETYPE_FINDINGS: dict[str, tuple[tuple[str, float], ...]] = {
                   ("picc", 0.08)),
     "icu": (("et_tube", 0.55), ("ng_tube", 0.45), ("central_line", 0.45), ("picc", 0.15), ("atelectasis", 0.5),
             ("effusion", 0.45), ("edema", 0.22), ("cardiomegaly", 0.2), ("consolidation", 0.15),
-            ("pneumothorax", 0.07), ("pacemaker", 0.05)),
+            ("pneumothorax", 0.10), ("pacemaker", 0.05)),
     "oncology": (("mass", 0.4), ("nodule", 0.35), ("effusion", 0.35), ("central_line", 0.35),
                  ("pleural_thickening", 0.1), ("enlarged_cardiomediastinum", 0.1), ("atelectasis", 0.15)),
-    "trauma": (("rib_fracture", 0.6), ("pneumothorax", 0.35), ("effusion", 0.2), ("atelectasis", 0.2),
+    "trauma": (("rib_fracture", 0.6), ("pneumothorax", 0.45), ("effusion", 0.2), ("atelectasis", 0.2),
                ("enlarged_cardiomediastinum", 0.1), ("et_tube", 0.15)),
 }
 
