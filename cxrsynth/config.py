@@ -186,7 +186,7 @@ class CodebookParams:
     beta: float = _opt(0.25, lo=0.0, hi=10.0, doc="commitment weight")
     ema_decay: float = _opt(0.99, lo=0.5, hi=0.99999, doc="ema quantizer: codebook EMA decay")
     kmeans_init: bool = _opt(True, doc="ema quantizer: k-means initialisation of the codebook on the first batch")
-    dead_code_threshold: float = _opt(1.0, lo=0.0, hi=1e6,
+    dead_code_threshold: float = _opt(0.0, lo=0.0, hi=1e6,
                                       doc="ema quantizer: revive codes whose EMA cluster size is below this (0 = off)")
     disc_layers: int | None = _opt(None, lo=1, hi=6, doc="PatchGAN discriminator depth")
     disc_channels: int | None = _opt(None, lo=4, hi=1024, doc="PatchGAN discriminator width")
@@ -336,8 +336,8 @@ class AlignParams:
     checkpoint_every: int = _opt(50, lo=1, hi=100_000_000, doc="resumable checkpoint interval (steps)")
     bank_size: int = _opt(16, lo=1, hi=4096, doc="key patches kept per bank key")
     bank_min_support: int = _opt(3, lo=1, hi=100000, doc="training images a bank key needs")
-    bank_rule: str = _opt("both", choices=("shift", "text", "both"), doc="bank score map: patch-embedding shift "
-                          "of the key's images | their query-similarity difference | both (cxrsynth.models.align)")
+    bank_rule: str = _opt("shift", choices=("shift", "text", "both"), doc="bank score map: shift of the key's "
+                          "images (in bank_space) | their query-similarity difference | both (cxrsynth.models.align)")
     bank_strata: str = _opt("view", choices=("view", "none"), doc="bank differences taken within each view (AP/PA) "
                             "| over all training images")
     bank_mirror: bool = _opt(True, doc="pool a left key's evidence with its right mirror key's, flipped (and back)")
@@ -382,7 +382,7 @@ class GeneratorParams:
     max_text_tokens: int = _opt(64, lo=0, hi=4096, doc="prompt text is cut to this many tokens")
     key_patches: int = _opt(5, lo=0, hi=256, doc="key patches per prompt (0 = none: the ablation switch)")
     prompt_dropout: float = _opt(0.1, lo=0.0, hi=1.0, doc="share of training prompts emptied (view kept) for CFG")
-    steps: int = _opt(240, lo=1, hi=100_000_000, doc="optimizer steps")
+    steps: int = _opt(480, lo=1, hi=100_000_000, doc="optimizer steps")
     batch_size: int = _opt(8, lo=1, hi=4096)
     lr: float = _opt(3e-3, lo=1e-7, hi=1.0, doc="peak AdamW learning rate")
     min_lr_ratio: float = _opt(0.1, lo=0.0, hi=1.0)

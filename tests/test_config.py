@@ -57,6 +57,17 @@ def test_defaults_and_types():
     assert FixtureParams().patients == 300
 
 
+def test_params_yaml_holds_the_code_defaults():
+    """params.yaml spells out every default: a key left out of a user's file means the same as in the shipped one."""
+    import dataclasses
+
+    shipped, defaults = load_params(ROOT / "params.yaml"), params_from_dict({})
+    differ = [f"{sec.name}.{f.name}" for sec in dataclasses.fields(shipped)
+              for f in dataclasses.fields(getattr(shipped, sec.name))
+              if getattr(getattr(shipped, sec.name), f.name) != getattr(getattr(defaults, sec.name), f.name)]
+    assert differ == []
+
+
 def dataclasses_frozen_error():
     import dataclasses
 
