@@ -683,9 +683,9 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
        `pathology@side`, `pathology`, `anatomy`) gets its supporting images (whose report mentions it) and a query
        vector, its finding words' mean contextual embedding (`_key_queries`).
     2. A key's score map over the grid, by `rule`:
-       - `shift`: per cell, the distance between the mean (L2-normalised, empty film = 0) patch embedding of its
-         supporting images and that of the other training images: where the images whose report names the term
-         differ, in the aligned patch space, from the others;
+       - `shift`: per cell, the distance between the mean vector of its supporting images and that of the other
+         training images (`space`: the cells' frozen VQ-GAN code vectors, or their L2-normalised patch embeddings;
+         empty film = 0): where the images whose report names the term differ from the others;
        - `text`: per cell, the mean over the supporting images minus the mean over the others of each image's
          patch-to-query similarity map (z-scored over its grid): the same difference seen through the term's words;
        - `both`: the sum of the two, each standardised over the grid.
@@ -743,7 +743,7 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
         member[support[key], k] = True
     q = torch.stack([query[key] for key in keys])
     # the regression design for `adjust`: key memberships, then one column per stratum
-    design = np.concatenate([member, np.eye(n_strata, dtype=bool)[stratum]], 1).astype(np.float64)
+    design = np.concatenate([member, np.eye(n_strata, dtype=bool)[stratum]], 1).astype(np.float64) if adjust else None
     z_maps = z_emb = None
     # per stratum v: sums over all images and over each key's images (query maps; patch embeddings)
     total = np.zeros((n_strata, len(keys), h, w))
@@ -763,12 +763,14 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
         emb_total = e_all if emb_total is None else emb_total + e_all
         emb_inside = e_in if emb_inside is None else emb_inside + e_in
         emb_sq += np.einsum("bv,bpd->vp", onehot, patches ** 2)
-        if adjust:  # Z^T Y for the query maps (per key) and the patch embeddings
+        if adjust:  # Z^T Y for the query maps (per key; text rule) and the patch vectors (shift rule)
             zb = design[start:start + len(maps)]
-            zm = np.einsum("bz,bkhw->zkhw", zb, maps, optimize=True)
-            ze = np.einsum("bz,bpd->zpd", zb, patches, optimize=True)
-            z_maps = zm if z_maps is None else z_maps + zm
-            z_emb = ze if z_emb is None else z_emb + ze
+            if rule in ("text", "both"):
+                zm = np.einsum("bz,bkhw->zkhw", zb, maps, optimize=True)
+                z_maps = zm if z_maps is None else z_maps + zm
+            if rule in ("shift", "both"):
+                ze = np.einsum("bz,bpd->zpd", zb, patches, optimize=True)
+                z_emb = ze if z_emb is None else z_emb + ze
     n_v = np.bincount(stratum, minlength=n_strata).astype(np.float64)[:, None]                # V x 1
     n_in = np.stack([member[stratum == v].sum(0) for v in range(n_strata)]).astype(np.float64)  # V x K
     n_out = n_v - n_in
