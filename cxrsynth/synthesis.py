@@ -418,14 +418,6 @@ def write_tables(out_dir: str | Path, rows: Sequence[dict], images: np.ndarray, 
     return df
 
 
-def code_usage(codes: np.ndarray, codebook_size: int) -> dict:
-    counts = np.bincount(np.asarray(codes).ravel(), minlength=codebook_size)
-    p = counts / max(1, counts.sum())
-    nz = p[p > 0]
-    return {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
-            "perplexity": float(np.exp(-(nz * np.log(nz)).sum())) if len(nz) else 0.0}
-
-
 def load_models(models_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, object, dict]:
     """The trained generator and VQ-GAN under `models_dir` (generator/, vqgan/), checked against each other, and
     their hashes; a clear error when either has not been trained yet."""
@@ -460,8 +452,10 @@ def _clear(out: Path) -> None:
 
 def _metrics(params: Params, df: pd.DataFrame, codes: np.ndarray, images: np.ndarray, ctx: dict,
              sample_seconds: float, seconds: float) -> dict:
+    from cxrsynth.models.vqgan import code_usage
+
     p = params.synthesize
-    usage = code_usage(codes, ctx["codebook_size"])
+    usage = code_usage(codes, ctx["codebook_size"])  # N x H x W grids: position_entropy too
     n_prompts = ctx["prompts"]
     with_kp = float((df.groupby("prompt_id")["n_key_patches"].first() > 0).mean()) if n_prompts else 0.0
     return {"count": int(len(df)), "prompts": n_prompts, "prompt_source": p.prompt_source,
@@ -471,7 +465,8 @@ def _metrics(params: Params, df: pd.DataFrame, codes: np.ndarray, images: np.nda
             "prompts_with_key_patches": round(with_kp, 4),
             "mean_key_patches": round(float(df["n_key_patches"].mean()), 3) if len(df) else 0.0,
             "codes_used": usage["codes_used"], "code_usage": round(usage["usage"], 4),
-            "code_perplexity": round(usage["perplexity"], 2), "mean_pixel": round(float(np.mean(images)), 2),
+            "code_perplexity": round(usage["perplexity"], 2),
+            "code_position_entropy": round(usage.get("position_entropy", 0.0), 4), "mean_pixel": round(float(np.mean(images)), 2),
             **{k: v[:16] for k, v in ctx["hashes"].items()}}
 
 

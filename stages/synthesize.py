@@ -6,7 +6,7 @@ prompts) or `<interim>/manifest.parquet` (`reports`: one prompt per test study f
 Writes `<synthetic>/`: `images/<synthetic_id>.png`, `images.npy` (uint8 N x S x S, manifest order),
 `manifest.parquet` (one row per image: prompt, terms, labels, key patches, seed, sampling params, model hashes),
 `contact_sheet.png` (prompts beside their images), optional `dicom/`; and `<metrics>/synthesize.json` (count, images
-per second, time, share of prompts with key patches, code usage).
+per second, time, share of prompts with key patches, code usage and per-position entropy).
 
 Scale-out (cxrsynth.shards): `--shard I/N --out DIR` makes only shard I of N of the (prompt, sample) list, into the
 shard folder DIR; `--merge DIR...` merges the folders of shards 0..N-1 into the outputs above (or `--out`,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -164,4 +165,6 @@ def test_synthesize_shards_merge_into_the_unsharded_outputs_with_dicom(project, 
     m = assert_same_outputs(project / "synthetic", project / "merged" / "synthetic",
                             project / "metrics" / "synthesize.json", project / "merged" / "synthesize.json")
     assert m["count"] == 10 and len(list((project / "merged" / "synthetic" / "dicom").iterdir())) == 10
+    # per-position entropy of the drawn grids (vqgan.code_usage), the same merged as unsharded (checked above)
+    assert 0.0 < m["code_position_entropy"] <= math.log(min(K, 10)) + 1e-9
     assert "shard 0/2 missing" in fails(synthesize_stage, project, capsys, "--merge", shards[1], "--out", "bad")
