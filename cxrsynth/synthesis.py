@@ -466,7 +466,8 @@ def _metrics(params: Params, df: pd.DataFrame, codes: np.ndarray, images: np.nda
             "mean_key_patches": round(float(df["n_key_patches"].mean()), 3) if len(df) else 0.0,
             "codes_used": usage["codes_used"], "code_usage": round(usage["usage"], 4),
             "code_perplexity": round(usage["perplexity"], 2),
-            "code_position_entropy": round(usage.get("position_entropy", 0.0), 4), "mean_pixel": round(float(np.mean(images)), 2),
+            "code_position_entropy": round(usage.get("position_entropy", 0.0), 4),  # 0 with no grids
+            "mean_pixel": round(float(np.mean(images)), 2),
             **{k: v[:16] for k, v in ctx["hashes"].items()}}
 
 
