@@ -42,11 +42,11 @@ import pandas as pd
 import torch
 
 from cxrsynth.config import ClassifierParams, EvaluateParams
-from cxrsynth.data.ingest import load_split
+from cxrsynth.data.arrays import Concat, Resized, iter_chunks, split_images
 from cxrsynth.eval.features import FeatureExtractor, Features, TorchScriptFeatures, extract, resize, to_image_tensor
 from cxrsynth.eval.geometry import find_lungs, measure_ctr
-from cxrsynth.eval.metrics import (Memorization, closest_pairs_grid, fidelity, macro_auroc, memorization, nearest,
-                                   per_label_auroc, pixel_vectors)
+from cxrsynth.eval.metrics import (Memorization, closest_pairs_grid, fidelity, macro_auroc, nearest, per_label_auroc,
+                                   pixel_vectors, same_extractor)
 from cxrsynth.keypatches import terms_from_json
 from cxrsynth.models.classifier import Classifier, LabeledImages, eval_targets, fit, save_roc_png
 from cxrsynth.text.chexpert import OBSERVATIONS
@@ -128,7 +128,8 @@ def load_synthetic(directory: str | Path) -> SyntheticSet:
 
 @dataclass(frozen=True)
 class RealSplit:
-    """One split of the ingested real data: images (uint8 N x S x S), label values, manifest rows in image order."""
+    """One split of the ingested real data: images (uint8 N x S x S, read per batch from the file: `NpyRows`),
+    label values, manifest rows in image order."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -140,16 +141,18 @@ class RealSplit:
 
 def load_real(interim: str | Path, split: str) -> RealSplit:
     """A split's images and manifest rows, row-aligned via `image_row`."""
-    manifest = pd.read_parquet(Path(interim) / "manifest.parquet")
+    manifest = pd.read_parquet(Path(interim) / "manifest.parquet",
+                               columns=["split", "image_row", "dicom_id", *OBSERVATIONS])
     rows = manifest[manifest.split == split].sort_values("image_row").reset_index(drop=True)
-    images = np.asarray(load_split(interim, split))
+    images = split_images(interim, split)
     if len(rows) != len(images) or not (rows.image_row.to_numpy() == np.arange(len(images))).all():
         raise EvaluateError(f"{interim}: manifest rows of split {split!r} do not match images_{split}.npy")
     return RealSplit(images, rows[list(OBSERVATIONS)].to_numpy(dtype=np.float64), rows)
 
 
 def to_size(images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
-    """uint8 / [0, 1] images N x H x W -> float32 N x size x size in [0, 1] (the project's antialiased resize)."""
+    """uint8 / [0, 1] images N x H x W -> float32 N x size x size in [0, 1] (the project's antialiased resize), in
+    memory: for small sets only (whole splits go through the lazy `cxrsynth.data.arrays.Resized`, same values)."""
     out = [resize(to_image_tensor(images[i:i + batch]), size)[:, 0].clamp(0.0, 1.0).numpy()
            for i in range(0, len(images), batch)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, size, size), np.float32)
@@ -292,11 +295,11 @@ def utility_block(params: ClassifierParams, train: LabeledImages, synthetic: Lab
                   progress: bool = True, arms: Sequence[str] = UTILITY_ARMS) -> dict:
     """Train one classifier per arm (same params, seed and epochs), select on real validate, test on real test.
 
-    All images must already be at one side (`to_size`). Keys: `utility/<arm>/macro_auroc`, `.../auroc/<label>`,
+    All images must already be at one side (`to_size`, or lazily: `Resized`); they are read per batch. Keys: `utility/<arm>/macro_auroc`, `.../auroc/<label>`,
     `.../rare_macro_auroc` (over the `rare` rarest labels), `utility/rare_labels`, and the gains of
     real + synthetic over real only."""
     sets = {"real": train, "synthetic": synthetic,
-            "real_plus_synthetic": LabeledImages(np.concatenate([train.images, synthetic.images]),
+            "real_plus_synthetic": LabeledImages(Concat(train.images, synthetic.images),
                                                  np.concatenate([train.labels, synthetic.labels]))}
     truth = eval_targets(test.labels, params.blank_policy)
     rare_names = rare_labels(train.labels, truth, OBSERVATIONS, rare, min_count)
@@ -319,6 +322,43 @@ def utility_block(params: ClassifierParams, train: LabeledImages, synthetic: Lab
 
 # ----------------------------------------------------------------------------------------------------------------
 # privacy
+
+def nearest_in_stream(queries: Sequence[np.ndarray], reference, to_vectors: Callable[[np.ndarray], np.ndarray],
+                      rows: int = 4096) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(index, distance) of each query vector's nearest reference item, the reference read `rows` at a time and
+    turned into vectors by `to_vectors`: the same as `nearest` against all reference vectors at once (ties: the
+    lowest index), with memory O(queries + rows)."""
+    best = [(np.zeros(len(q), np.int64), np.full(len(q), np.inf)) for q in queries]
+    for start, chunk in iter_chunks(reference, rows=rows):
+        ref = to_vectors(chunk)
+        for (idx, dist), q in zip(best, queries):
+            if not len(q):
+                continue
+            j, d = nearest(q, ref)
+            better = d < dist  # strictly: an equal distance keeps the earlier (lower) index
+            idx[better], dist[better] = j[better] + start, d[better]
+    return best
+
+
+def streamed_memorization(features: dict[str, Features], synthetic_images, train_images, test_images, *,
+                          percentile: float) -> tuple[Memorization, np.ndarray]:
+    """`cxrsynth.eval.metrics.memorization` with the training set streamed: feature-space neighbours from the
+    (O(N), float64) feature matrix, pixel-space neighbours from the training images read and reduced to pixel
+    vectors a chunk at a time (the training pixel vectors, 4 kB per image, are never held together). Returns the
+    report and the real test images' feature distances to their nearest training image."""
+    if not 0.0 < percentile < 100.0:
+        raise ValueError(f"percentile must be in (0, 100), got {percentile}")
+    name = same_extractor(features["synthetic"], features["train"], features["test"])
+    if len(train_images) != len(features["train"]):
+        raise ValueError("training images and features differ in length")
+    _, test_feat = nearest(features["test"].values, features["train"].values)
+    nn_f, d_f = nearest(features["synthetic"].values, features["train"].values)
+    px_syn, px_test = pixel_vectors(np.asarray(synthetic_images)), pixel_vectors(np.asarray(test_images))
+    (nn_p, d_p), (_, test_pix) = nearest_in_stream([px_syn, px_test], train_images, pixel_vectors)
+    report = Memorization(name, float(percentile), float(np.percentile(test_feat, percentile)),
+                          float(np.percentile(test_pix, percentile)), nn_f, d_f, nn_p, d_p)
+    return report, test_feat
+
 
 def privacy_block(report: Memorization, test_to_train_feature: np.ndarray) -> dict:
     """Near-copy rates and nearest-neighbour distances (`cxrsynth.eval.metrics.memorization`), with the real test
@@ -563,7 +603,8 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
     synthetic = load_synthetic(synthetic_dir)
     real = {s: load_real(interim, s) for s in ("train", "validate", "test")}
     size = e.compare_size or synthetic.size
-    real_small = {s: to_size(r.images, size) for s, r in real.items()}
+    # every image is resized when a batch of it is read: no split is ever held at compare size
+    real_small = {s: Resized(r.images, size) for s, r in real.items()}
     synth_small = to_size(synthetic.images, size)
     classifier = Classifier.load(Path(models) / "classifier")
     vqgan = VQGAN.load(Path(models) / "vqgan")
@@ -630,11 +671,8 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
 
     # -- privacy --------------------------------------------------------------------------------------------------
     f = feats["classifier"]
-    px = {"synthetic": pixel_vectors(synth_small), "train": pixel_vectors(real_small["train"]),
-          "test": pixel_vectors(real_small["test"])}
-    mem = memorization(f["synthetic"], f["train"], f["test"], px["synthetic"], px["train"], px["test"],
-                       percentile=e.near_copy_percentile)
-    _, test_nn = nearest(f["test"].values, f["train"].values)
+    mem, test_nn = streamed_memorization(f, synth_small, real_small["train"], real_small["test"],
+                                         percentile=e.near_copy_percentile)
     metrics.update(privacy_block(mem, test_nn))
     pictures.closest_pairs.parent.mkdir(parents=True, exist_ok=True)
     closest_pairs_grid(mem, synth_small, real_small["train"], n=e.closest_pairs).save(pictures.closest_pairs)
@@ -675,7 +713,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
     if e.utility:
         up = utility_params(classifier_params, e)
         us = up.input_size
-        sized = {s: (real_small[s] if us == size else to_size(real[s].images, us)) for s in real}
+        sized = {s: (real_small[s] if us == size else Resized(real[s].images, us)) for s in real}
         syn = synth_small if us == size else to_size(synthetic.images, us)
         metrics.update(utility_block(up, LabeledImages(sized["train"], real["train"].labels),
                                      LabeledImages(syn, synthetic.labels),

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth.config import stage_params
-from cxrsynth.data.ingest import load_split
+from cxrsynth.data.arrays import split_images
 from cxrsynth.data.tokens import load_tokens
 from cxrsynth.io import write_json
 from cxrsynth.models.align import (Pairs, build_bank, fit, heatmap_tiles, pointing_cases, pointing_metrics,
@@ -54,19 +54,23 @@ def main() -> None:
     vqgan_dir = Path(paths.models) / "vqgan"
     sha = weights_sha256(vqgan_dir)
     codebook = VQGAN.load(vqgan_dir).codebook.detach().float().clone()
-    manifest = pd.read_parquet(Path(paths.interim) / "manifest.parquet")
+    manifest = pd.read_parquet(Path(paths.interim) / "manifest.parquet", columns=[
+        "split", "image_row", "study_id", "dicom_id", "view", "findings", "impression", "last_paragraph"])
     data = {s: split_pairs(manifest, Path(paths.tokens), s, sha) for s in ("train", "validate", "test")
             if (manifest.split == s).any()}
     train_pairs = data["train"][0]
     validate = data.get("validate", (Pairs([], train_pairs.grids[:0], np.zeros(0)), None))[0]
 
-    with tempfile.TemporaryDirectory() as work:
+    # the frozen encoder's token states go to an on-disk store in this folder (TMPDIR; MIMIC-CXR: ~1.5 kB per
+    # token in float32, see README), read per batch by training and the bank
+    with tempfile.TemporaryDirectory(prefix="cxrsynth-align-") as work:
         model, result = fit(p, train_pairs, validate, codebook, seed=params.base.seed, device=params.base.device,
                             live_dir=p.live_dir, workdir=work, out_dir=Path(paths.models) / "align_checkpoints")
         model.bank = build_bank(model, train_pairs.texts, train_pairs.grids, size=p.bank_size,
                                 min_support=p.bank_min_support, rule=p.bank_rule, mirror=p.bank_mirror,
                                 smooth=p.bank_smooth, adjust=p.bank_adjust, ridge=p.bank_ridge, space=p.bank_space,
-                                strata=data["train"][1].view.to_numpy() if p.bank_strata == "view" else None)
+                                strata=data["train"][1].view.to_numpy() if p.bank_strata == "view" else None,
+                                text_states=getattr(model, "text_states", None))
         out = model.save(Path(paths.models) / "align", extra={
             "vqgan": {"path": vqgan_dir.as_posix(), "weights_sha256": sha},
             "training": {"steps": result.step, "best_step": result.best_step,
@@ -101,7 +105,7 @@ def main() -> None:
         metrics["pointing/splits"] = sorted(cases_by_split)
         metrics.update(pointing_metrics(held_out, p.pointing_k, seed=params.base.seed))
         if p.heatmap_examples and cases_by_split.get("validate"):
-            images = load_split(paths.interim, "validate")
+            images = split_images(paths.interim, "validate")
             for name in HEATMAP_FINDINGS:
                 chosen = [c for c in cases_by_split["validate"] if c.finding == name and c.word_map is not None]
                 for c in chosen[:p.heatmap_examples]:

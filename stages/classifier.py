@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth.config import stage_params
-from cxrsynth.data.ingest import load_split
+from cxrsynth.data.arrays import split_images
 from cxrsynth.eval.features import extract
 from cxrsynth.eval.metrics import fidelity
 from cxrsynth.io import write_json
@@ -27,10 +27,10 @@ from cxrsynth.text.chexpert import OBSERVATIONS
 
 
 def load_labeled(interim: str | Path, split: str) -> LabeledImages:
-    """A split's uint8 images (in memory) and its 14 CheXpert label columns, row-aligned via manifest.image_row."""
-    manifest = pd.read_parquet(Path(interim) / "manifest.parquet")
+    """A split's uint8 images (read per batch from the file) and its 14 CheXpert label columns, row-aligned via manifest.image_row."""
+    manifest = pd.read_parquet(Path(interim) / "manifest.parquet", columns=["split", "image_row", *OBSERVATIONS])
     rows = manifest[manifest.split == split].sort_values("image_row")
-    images = np.asarray(load_split(interim, split))
+    images = split_images(interim, split)  # read per batch, never whole
     if len(rows) != len(images) or not (rows.image_row.to_numpy() == np.arange(len(images))).all():
         raise ValueError(f"{interim}: manifest rows of split {split!r} do not match images_{split}.npy")
     labels = rows[list(OBSERVATIONS)].to_numpy(dtype=np.float64)

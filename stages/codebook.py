@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cxrsynth.config import stage_params
-from cxrsynth.data.ingest import load_split
+from cxrsynth.data.arrays import split_images
 from cxrsynth.io import write_json
 from cxrsynth.models.vqgan import (QUANTIZER_NAMES, fit, grid_images, psnr, reconstruction_metrics, to_model_input,
                                    to_unit, training_record, weights_sha256)
@@ -31,8 +30,9 @@ from cxrsynth.viz import image_grid
 def main() -> None:
     params = stage_params()
     p, paths = params.codebook, params.paths
-    train_images = np.asarray(load_split(paths.interim, "train"))
-    validate_images = np.asarray(load_split(paths.interim, "validate"))
+    # read per batch from the files (memory bounded by the batch, not by the split)
+    train_images = split_images(paths.interim, "train")
+    validate_images = split_images(paths.interim, "validate")
     model, result = fit(p, train_images, validate_images, seed=params.base.seed, device=params.base.device,
                         out_dir=Path(paths.models) / "vqgan_checkpoints", live_dir=p.live_dir)
     model = model.cpu().eval()

@@ -51,10 +51,11 @@ def main() -> None:
     p, paths = params.generator, params.paths
     if pick_device(params.base.device).type == "cpu" and p.cpu_threads:
         torch.set_num_threads(p.cpu_threads)
-    manifest = pd.read_parquet(Path(paths.interim) / "manifest.parquet")
+    manifest = pd.read_parquet(Path(paths.interim) / "manifest.parquet",
+                               columns=["split", "image_row", "view", "findings", "impression"])
     meta = read_meta(paths.tokens)
     grid, k_codes = tuple(meta.grid_size), meta.codebook_size
-    tokens = {s: np.asarray(load_tokens(paths.tokens, s)) for s in ("train", "validate") if s in meta.splits}
+    tokens = {s: load_tokens(paths.tokens, s) for s in ("train", "validate") if s in meta.splits}  # memory-mapped
     texts, views = {}, {}
     for s in tokens:
         texts[s], views[s] = split_reports(manifest, s)
@@ -66,6 +67,7 @@ def main() -> None:
     gen = new_generator(spec, tokenizer, grid, k_codes, p.key_patches, p.max_text_tokens, bank, params.base.seed,
                         pretrained_path=p.pretrained_path)
     data = {s: training_data(gen, texts[s], views[s], tokens[s], terms_of_text) for s in tokens}
+    del tokens, texts, views, manifest  # training reads the compact TrainingData only
     val = data.get("validate") or data["train"]
 
     # checkpoint fingerprint: params, the exact token arrays, the bank, the tokenizer and the model code

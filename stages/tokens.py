@@ -22,22 +22,47 @@ import pandas as pd
 import torch
 
 from cxrsynth.config import stage_params
-from cxrsynth.data.ingest import load_split
+from cxrsynth.data.arrays import NpyRows, iter_chunks, split_images, stream_sha256
 from cxrsynth.data.layout import SPLITS
-from cxrsynth.data.tokens import array_sha256, load_tokens, write_tokens
+from cxrsynth.data.tokens import load_tokens, write_tokens
 from cxrsynth.io import write_json
 from cxrsynth.models.vqgan import VQGAN, code_usage, psnr, to_model_input, to_unit, weights_sha256
 from cxrsynth.train import pick_device
 
 
-def split_images(interim: str | Path, manifest: pd.DataFrame, split: str) -> np.ndarray:
-    """A split's image array, after checking that its rows are the manifest's image_row 0..N-1 of that split."""
-    images = load_split(interim, split)
-    rows = np.sort(manifest.loc[manifest.split == split, "image_row"].to_numpy())
-    if len(rows) != len(images) or not (rows == np.arange(len(images))).all():
-        raise SystemExit(f"{Path(interim) / f'images_{split}.npy'}: {len(images)} images but the manifest's "
-                         f"image_row of split {split!r} is not 0..{len(rows) - 1}")
+def split_rows(interim: str | Path, manifest: pd.DataFrame, split: str) -> NpyRows:
+    """A split's images (read per batch), after checking that its rows are the manifest's image_row 0..N-1."""
+    images = split_images(interim, split)
+    check_rows(manifest, split, len(images), f"{Path(interim) / f'images_{split}.npy'}")
     return images
+
+
+def check_rows(manifest: pd.DataFrame, split: str, n: int, what: str) -> None:
+    rows = np.sort(manifest.loc[manifest.split == split, "image_row"].to_numpy())
+    if len(rows) != n or not (rows == np.arange(n)).all():
+        raise SystemExit(f"{what}: {n} images but the manifest's image_row of split {split!r} is not "
+                         f"0..{len(rows) - 1}")
+
+
+def encode_split(model: VQGAN, images, batch_size: int) -> np.ndarray:
+    """uint16 token grids of every image, encoded batch by batch (RAM: the grids, 2 bytes per token, plus a batch)."""
+    g = model.config.grid_size
+    out = np.empty((len(images), g, g), np.uint16)
+    for i, chunk in iter_chunks(images, rows=batch_size):
+        out[i:i + len(chunk)] = model.tokenize(chunk, batch_size=batch_size)
+    return out
+
+
+def decoded_psnr(model: VQGAN, stored: np.ndarray, images, batch_size: int) -> float | None:
+    """Mean PSNR of the images decoded from the stored tokens against the (resized) originals, batch by batch."""
+    if not len(stored):
+        return None
+    total = 0.0
+    for i in range(0, len(stored), batch_size):
+        decoded = torch.from_numpy(model.decode_tokens(np.asarray(stored[i:i + batch_size]), batch_size=batch_size))
+        ref = to_unit(to_model_input(images[i:i + batch_size], model.config.image_size))[:, 0]
+        total += float(psnr(decoded, ref).double().sum())
+    return total / len(stored)
 
 
 def main() -> None:
@@ -54,12 +79,12 @@ def main() -> None:
 
     tokens, sources, seconds, n_images = {}, {}, 0.0, 0
     for split in splits:
-        images = split_images(paths.interim, manifest, split)
+        images = split_rows(paths.interim, manifest, split)
         t0 = time.perf_counter()
-        tokens[split] = model.tokenize(images, batch_size=p.batch_size)
+        tokens[split] = encode_split(model, images, p.batch_size)
         seconds += time.perf_counter() - t0
         n_images += len(images)
-        sources[split] = array_sha256(images)
+        sources[split] = stream_sha256(images)  # = array_sha256 of the whole array, read chunk by chunk
     sha = weights_sha256(vqgan_dir)
     meta = write_tokens(paths.tokens, tokens, codebook_size=model.config.codebook_size,
                         image_size=model.config.image_size, vqgan_sha256=sha, vqgan_path=vqgan_dir.as_posix(),
@@ -68,6 +93,8 @@ def main() -> None:
     metrics: dict = {"grid_size": list(meta.grid_size), "codebook_size": meta.codebook_size,
                      "image_size": meta.image_size, "vqgan_sha256": sha[:16],
                      "encode_images_per_second": round(n_images / max(seconds, 1e-9), 1), "device": device.type}
+    counts = {s: len(t) for s, t in tokens.items()}
+    del tokens
     for split in splits:
         stored = load_tokens(paths.tokens, split, expected_sha256=sha)  # read back through the checked reader
         usage = code_usage(stored, meta.codebook_size)
@@ -76,12 +103,10 @@ def main() -> None:
                           "position_entropy": round(usage["position_entropy"], 4) if "position_entropy" in usage
                           else None}
         if split != "train":  # the round trip: stored tokens -> pixels, against the (resized) originals
-            images = load_split(paths.interim, split)
-            decoded = torch.from_numpy(model.decode_tokens(stored, batch_size=p.batch_size))
-            ref = to_unit(to_model_input(np.asarray(images), model.config.image_size))[:, 0]
-            metrics[split]["decoded_psnr"] = round(float(psnr(decoded, ref).mean()), 3) if len(stored) else None
+            v = decoded_psnr(model, stored, split_images(paths.interim, split), p.batch_size)
+            metrics[split]["decoded_psnr"] = round(v, 3) if v is not None else None
     write_json(Path(paths.metrics) / "tokens.json", metrics)
-    print(f"tokens: {', '.join(f'{s} {len(t)}' for s, t in tokens.items())} images -> {meta.grid_size[0]}x"
+    print(f"tokens: {', '.join(f'{s} {n}' for s, n in counts.items())} images -> {meta.grid_size[0]}x"
           f"{meta.grid_size[1]} tokens of {meta.codebook_size} codes in {paths.tokens}")
 
 

@@ -95,7 +95,7 @@ def test_loss_is_on_image_tokens_only():
     loss = image_loss(gen.model, batch, lay)
     logits = gen.logits(batch["ids"], batch["mask"])
     ref = torch.nn.functional.cross_entropy(logits[:, lay.prompt_len - 1:-1].reshape(-1, logits.shape[-1]),
-                                            (data.codes + lay.img_offset).reshape(-1))
+                                            (data.codes.long() + lay.img_offset).reshape(-1))
     torch.testing.assert_close(loss, ref)
     # the text does not enter the loss as a target: changing it changes the loss only through the context
     assert torch.isfinite(loss)

@@ -48,6 +48,7 @@ from torch import nn
 
 from cxrsynth.keypatches import KeyPatch, KeyPatchBank, key_side, mirror_key, term_keys, terms_of_text
 from cxrsynth.models import folder
+from cxrsynth.models.text_states import TextStates, encode_text_states, texts_sha256
 from cxrsynth.text.findings import extract_findings
 
 FORMAT = "cxrsynth-align"
@@ -590,7 +591,21 @@ def zscore(m: np.ndarray) -> np.ndarray:
     return (m - m.mean()) / max(float(m.std()), 1e-6)
 
 
-def _key_queries(model: AlignModel, texts: Sequence[str], batch_size: int
+def _chunk_embeddings(model: AlignModel, texts: list[str], start: int, states: TextStates | None):
+    """(TextBatch, embedded text B x T x D) of texts[start:start + B]: from the on-disk states when given (row i of
+    the store = text i), else through the encoder with the cache emptied after the chunk (memory stays bounded)."""
+    if states is None or not model.config.text_frozen:
+        out = model._text(texts)
+        model.clear_cache()
+        return out
+    tb = model.tokenize(texts)
+    att = tb.attention_mask.to(model.device)
+    hidden = states.batch(np.arange(start, start + len(texts)), tb.input_ids.shape[1]).to(model.device)
+    return tb, model.embed_text(hidden, att)
+
+
+@torch.no_grad()
+def _key_queries(model: AlignModel, texts: Sequence[str], batch_size: int, states: TextStates | None = None
                  ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], set[str]]:
     """Per bank key: the training images whose report mentions it (present or uncertain, one entry per image) and
     its query vector, the L2-normalised mean contextual embedding of the finding's words over those reports (for an
@@ -601,7 +616,7 @@ def _key_queries(model: AlignModel, texts: Sequence[str], batch_size: int
     pathologies: set[str] = set()
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
-        tb, emb = model._text(chunk)
+        tb, emb = _chunk_embeddings(model, chunk, start, states)
         for j, text in enumerate(chunk):
             i = start + j
             spans = finding_spans(text)
@@ -675,7 +690,7 @@ BANK_SPACES = ("codes", "patches")
 def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, size: int = 16,
                min_support: int = 3, rule: str = "both", mirror: bool = True, strata: Sequence | None = None,
                smooth: float = 1.0, adjust: bool = False, ridge: float = 1.0, space: str = "patches",
-               batch_size: int = 64) -> KeyPatchBank:
+               batch_size: int = 64, text_states: TextStates | None = None) -> KeyPatchBank:
     """The key-patch bank from training pairs: where the trained model's patches change when a report mentions a
     term, compared within strata (view), pooled over mirror sides, with pair keys composed from their parts.
 
@@ -715,7 +730,9 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
     5. The `size` best cells become the key's entries, each with the code its supporting images (the pathology
        part's too, for a pair) hold there most often, weighted by how much each image's query map lights that
        cell.
-    Streams over the images (two passes), so the memory does not grow with the training set."""
+    Streams over the images (two passes), so the memory does not grow with the training set. `text_states`: the
+    frozen encoder's states of exactly `texts` (the store `fit` wrote, `model.text_states`), read per chunk instead
+    of encoding the reports again."""
     if rule not in BANK_RULES:
         raise ValueError(f"bank rule must be one of {BANK_RULES}, got {rule!r}")
     if space not in BANK_SPACES:
@@ -733,7 +750,10 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
             **({"ridge": float(ridge)} if adjust else {})}
     was = model.training
     model.eval()
-    support, query, pathologies = _key_queries(model, texts, batch_size)
+    if text_states is not None and (len(text_states) != len(texts)
+                                    or text_states.meta.get("texts_sha256") != texts_sha256([str(t) for t in texts])):
+        raise ValueError("text_states were encoded from other texts than the bank's")
+    support, query, pathologies = _key_queries(model, texts, batch_size, text_states)
     keys = sorted(support)
     if not keys or n < 2:
         model.train(was)
@@ -966,21 +986,68 @@ def build_model(p, texts: Sequence[str], codebook: torch.Tensor, grid: tuple[int
     return AlignModel(cfg, encoder, tokenizer, codebook)
 
 
+@dataclass
+class TextCache:
+    """What training reads of the texts per batch: token counts (int64 N), word masks (bool N x T, T = the longest
+    text, capped at max_length), token ids (int32 N x T; trainable encoders only) and, for a frozen encoder, its
+    token states on disk (`TextStates`). O(N) in RAM: T + 8 bytes per text (ids: 4 T more)."""
+
+    lengths: np.ndarray
+    word_mask: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    states: TextStates | None = None
+
+    def batch(self, rows: np.ndarray) -> dict:
+        """The text part of a training batch (padding every text of the batch shares trimmed): int64 attention
+        mask, bool word mask, and the cached states (frozen) or the int64 token ids."""
+        lens = torch.from_numpy(self.lengths[rows])
+        t = int(lens.max())
+        idx = torch.from_numpy(rows)
+        out = {"attention_mask": (torch.arange(t)[None, :] < lens[:, None]).long(),
+               "word_mask": self.word_mask[idx, :t]}
+        if self.states is not None:
+            out["hidden"] = self.states.batch(rows, t)
+        else:
+            out["input_ids"] = self.input_ids[idx, :t].long()
+        return out
+
+
 @torch.no_grad()
-def cache_hidden(model: AlignModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Token ids and masks of every text (N x T, T = the longest, capped at max_length) and, for a frozen text
-    encoder, its token states N x T x hidden (float32), computed once."""
-    tb = model.tokenize(texts)
-    out = {"attention_mask": tb.attention_mask, "word_mask": tb.word_mask, "input_ids": tb.input_ids}
+def cache_hidden(model: AlignModel, texts: Sequence[str], workdir: str | Path | None = None, *,
+                 chunk: int = 1024, dtype: str = "float32", progress: bool = False) -> TextCache:
+    """Tokenise every text (a chunk at a time) and, for a frozen text encoder, encode each distinct text once into
+    an on-disk store under `workdir` (`cxrsynth.models.text_states`; a temporary folder when None is not
+    allowed: the caller owns the disk)."""
+    texts = list(texts)
+    lengths = np.zeros(len(texts), np.int64)
+    masks, ids = [], []
+    for s in range(0, len(texts), chunk):
+        tb = model.tokenize(texts[s:s + chunk])
+        lengths[s:s + len(tb.input_ids)] = tb.attention_mask.sum(1).numpy()
+        masks.append(tb.word_mask)
+        if not model.config.text_frozen:
+            ids.append(tb.input_ids.to(torch.int32))
+    t = max((m.shape[1] for m in masks), default=0)
+
+    def pad(parts: list[torch.Tensor], dtype) -> torch.Tensor:
+        out = torch.zeros(len(texts), t, dtype=dtype)
+        at = 0
+        for x in parts:
+            out[at:at + len(x), :x.shape[1]] = x
+            at += len(x)
+        return out
+
+    cache = TextCache(lengths, pad(masks, torch.bool), pad(ids, torch.int32) if ids else None)
     if model.config.text_frozen:
+        if workdir is None:
+            raise ValueError("a frozen text encoder's states need a workdir for their on-disk store")
         model.text_encoder.eval()
-        model._text(list(texts))  # fills the per-text cache, length-sorted
-        cache = model.__dict__["_hidden_cache"]
-        hidden = torch.zeros(len(texts), tb.input_ids.shape[1], int(model.config.text_hidden))
-        for r, t in enumerate(texts):
-            hidden[r, :len(cache[t])] = cache[t].cpu()
-        out["hidden"] = hidden
-    return out
+        cache.states = encode_text_states(model.text_encoder, model.tokenizer, texts, Path(workdir) / "text_states",
+                                          max_length=model.config.max_length, device=model.device, dtype=dtype,
+                                          progress=progress)
+        if not np.array_equal(cache.states.lengths(), lengths):
+            raise AssertionError("text state store and tokenizer disagree on token counts")
+    return cache
 
 
 def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed: int = 0, device: str = "auto",
@@ -1000,20 +1067,14 @@ def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed:
     grid = tuple(int(s) for s in train_pairs.grids.shape[1:])
     model = build_model(p, train_pairs.texts, codebook, grid, workdir, text_model_path,
                         background_codes(train_pairs.grids) if p.mask_background else ())
-    cache = cache_hidden(model, train_pairs.texts)
-    grids = torch.from_numpy(np.asarray(train_pairs.grids, dtype=np.int64))
+    cache = cache_hidden(model, train_pairs.texts, workdir, dtype=getattr(p, "text_states_dtype", "float32"),
+                         progress=progress)
+    grids = np.asarray(train_pairs.grids)  # uint16: 2 bytes per token; int64 per batch
     sampler = EpochSampler(len(grids), p.batch_size, seed)
 
     def batches(step: int) -> dict:
-        idx = torch.from_numpy(sampler(step))
-        att = cache["attention_mask"][idx]
-        t = int(att.sum(1).max())  # trim the padding every text of the batch shares
-        batch = {"grids": grids[idx], "attention_mask": att[:, :t], "word_mask": cache["word_mask"][idx, :t]}
-        if "hidden" in cache:
-            batch["hidden"] = cache["hidden"][idx, :t]
-        else:
-            batch["input_ids"] = cache["input_ids"][idx, :t]
-        return batch
+        rows = sampler(step)
+        return {"grids": torch.from_numpy(grids[rows].astype(np.int64)), **cache.batch(rows)}
 
     def loss_fn(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         return model.loss(net(**batch))
@@ -1035,6 +1096,7 @@ def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed:
                       run_id=h.hexdigest()[:16],
                       progress=progress, desc="align")
     result = train(model, loss_fn, batches, cfg, evaluate if len(validate.texts) else None)
+    model.text_states = cache.states  # build_bank reads the training texts' states from the same store
     return model.cpu().eval(), result
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from cxrsynth.config import ClassifierParams
 from cxrsynth.models import folder
+from cxrsynth.data.arrays import iter_chunks, mean_std, take
 from cxrsynth.eval.features import ModelFeatures, resize, to_image_tensor
 from cxrsynth.eval.metrics import LabelAUROC, macro_auroc, per_label_auroc, roc_curve
 from cxrsynth.text.chexpert import OBSERVATIONS
@@ -360,10 +361,12 @@ class LabeledImages:
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} label rows")
 
 
-def _digest(*arrays: np.ndarray) -> str:
+def _digest(*arrays) -> str:
+    """One hash over the arrays' bytes, each read chunk by chunk (row sources are never loaded whole)."""
     h = hashlib.sha256()
     for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
+        for _, chunk in iter_chunks(a):
+            h.update(np.ascontiguousarray(chunk).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -385,8 +388,8 @@ def fit(params: ClassifierParams, train_data: LabeledImages, validate: LabeledIm
     mode) and the loop's result.
     """
     seed_everything(seed)
-    x = resize(to_image_tensor(train_data.images), params.input_size).contiguous()
-    mean, std = float(x.mean()), float(x.std())
+    images = train_data.images  # any row source (NpyRows, Resized, Concat, array): read and resized per batch
+    mean, std = mean_std(images, params.input_size)
     model = Classifier(ClassifierConfig(arch=params.arch, input_size=params.input_size, width=params.width,
                                         depth=params.depth, dropout=params.dropout,
                                         stem_downsample=params.stem_downsample, pool=params.pool, labels=OBSERVATIONS,
@@ -395,15 +398,17 @@ def fit(params: ClassifierParams, train_data: LabeledImages, validate: LabeledIm
     y, m = torch.from_numpy(targets), torch.from_numpy(mask)
     pw = torch.from_numpy(pos_weights(targets, mask, params.max_pos_weight)) if params.pos_weight else None
     info = dist_info()
-    sampler = EpochSampler(len(x), params.batch_size, seed, rank=info.rank, world_size=info.world_size)
+    sampler = EpochSampler(len(images), params.batch_size, seed, rank=info.rank, world_size=info.world_size)
     steps = params.epochs * sampler.steps_per_epoch
     aug = augment_from_params(params)
 
     def batches(step: int) -> dict:
-        idx = torch.from_numpy(sampler(step))
+        rows = sampler(step)  # this rank's rows only
+        idx = torch.from_numpy(rows)
         key = [seed, step] + ([info.rank] if info.enabled else [])  # each rank augments differently
         g = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-        return {"x": augment(x[idx], aug, g), "y": y[idx], "m": m[idx]}
+        x = resize(to_image_tensor(take(images, rows)), params.input_size).contiguous()
+        return {"x": augment(x, aug, g), "y": y[idx], "m": m[idx]}
 
     def loss_fn(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         weight = pw.to(batch["x"].device) if pw is not None else None
@@ -422,7 +427,7 @@ def fit(params: ClassifierParams, train_data: LabeledImages, validate: LabeledIm
     sources = (sys.modules[f.__module__].__file__ for f in (fit, train, per_label_auroc, resize))
     code = b"".join(Path(s).read_bytes() for s in sources)
     run_id = _digest(np.frombuffer(json.dumps(trajectory, sort_keys=True).encode(), np.uint8),
-                     np.frombuffer(code, np.uint8), np.asarray(train_data.images), np.asarray(train_data.labels),
+                     np.frombuffer(code, np.uint8), train_data.images, np.asarray(train_data.labels),
                      np.asarray(validate.labels))
     spe = sampler.steps_per_epoch
     cfg = TrainConfig(max_steps=steps, lr=params.lr, min_lr_ratio=params.min_lr_ratio,

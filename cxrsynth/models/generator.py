@@ -379,42 +379,54 @@ def weights_sha256(path: str | Path) -> str:
 
 @dataclass
 class TrainingData:
-    """Prompts (conditional and unconditional) and target codes of a split, as tensors."""
+    """Prompts (conditional and unconditional) and target codes of a split, stored compactly (O(N) in RAM: 10 bytes
+    per prompt position, 2 bytes per code while the codebook fits int16); `sequence_batch` widens a batch to int64.
+    """
 
-    prompt: torch.Tensor          # N x P int64
-    mask: torch.Tensor            # N x P int64
-    uncond: torch.Tensor          # N x P int64 (view only)
-    uncond_mask: torch.Tensor     # N x P
-    codes: torch.Tensor           # N x H*W int64 (codes, not ids)
+    prompt: torch.Tensor          # N x P int32
+    mask: torch.Tensor            # N x P bool
+    uncond: torch.Tensor          # N x P int32 (view only)
+    uncond_mask: torch.Tensor     # N x P bool
+    codes: torch.Tensor           # N x H*W int16 (int32 for codebooks over 32768 codes): codes, not ids
     n_key_patches: np.ndarray     # N: key patches each prompt got
+
+
+def code_dtype(codebook_size: int) -> torch.dtype:
+    return torch.int16 if codebook_size <= 32768 else torch.int32
 
 
 def training_data(gen: Generator, texts: Sequence[str], views: Sequence[str], tokens: np.ndarray,
                   terms_fn: Callable[[str], list]) -> TrainingData:
     """Sequences of one split: key patches chosen exactly as at synthesis time (`gen.key_patches(terms)`)."""
     lay = gen.layout
-    cond, cmask, unc, umask, nkp = [], [], [], [], []
-    for text, view in zip(texts, views):
+    n, width = len(texts), lay.prompt_len
+    cond, cmask = torch.zeros(n, width, dtype=torch.int32), torch.zeros(n, width, dtype=torch.bool)
+    unc, umask = torch.zeros(n, width, dtype=torch.int32), torch.zeros(n, width, dtype=torch.bool)
+    nkp = np.zeros(n, np.int64)
+    uncond_of: dict[str, tuple[list[int], list[int]]] = {}
+    for i, (text, view) in enumerate(zip(texts, views)):
         kps = gen.key_patches(terms_fn(text)) if lay.key_patches > 0 else []
         ids, m = gen.encode_prompt(text, kps, view)
-        u, um = gen.unconditional_prompt(view)
-        cond.append(ids)
-        cmask.append(m)
-        unc.append(u)
-        umask.append(um)
-        nkp.append(len(kps))
-    t = torch.as_tensor
-    codes = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(len(tokens), -1))
-    return TrainingData(t(cond, dtype=torch.long).reshape(-1, lay.prompt_len),
-                        t(cmask, dtype=torch.long).reshape(-1, lay.prompt_len),
-                        t(unc, dtype=torch.long).reshape(-1, lay.prompt_len),
-                        t(umask, dtype=torch.long).reshape(-1, lay.prompt_len), codes, np.asarray(nkp))
+        if view not in uncond_of:
+            uncond_of[view] = gen.unconditional_prompt(view)
+        u, um = uncond_of[view]
+        cond[i], cmask[i] = torch.tensor(ids, dtype=torch.int32), torch.tensor(m, dtype=torch.bool)
+        unc[i], umask[i] = torch.tensor(u, dtype=torch.int32), torch.tensor(um, dtype=torch.bool)
+        nkp[i] = len(kps)
+    dt = code_dtype(lay.codebook_size)
+    codes = torch.empty(len(tokens), lay.n_image_tokens, dtype=dt)
+    for s in range(0, len(tokens), 4096):  # a chunk at a time: no int64 copy of the whole split
+        chunk = np.asarray(tokens[s:s + 4096]).reshape(-1, lay.n_image_tokens)
+        codes[s:s + len(chunk)] = torch.from_numpy(chunk.astype(np.int32)).to(dt)
+    return TrainingData(cond, cmask, unc, umask, codes, nkp)
 
 
 def sequence_batch(layout: Layout, prompt: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor) -> dict:
-    """Whole training sequences: prompt ids + image ids; the mask covers the image tokens too."""
+    """Whole training sequences: prompt ids + image ids (int64); the mask covers the image tokens too."""
+    codes = torch.as_tensor(codes).long()
     img = codes + layout.img_offset
-    return {"ids": torch.cat([prompt, img], 1), "mask": torch.cat([mask, torch.ones_like(img)], 1), "codes": codes}
+    return {"ids": torch.cat([prompt.long(), img], 1), "mask": torch.cat([mask.long(), torch.ones_like(img)], 1),
+            "codes": codes}
 
 
 def image_loss(model: nn.Module, batch: dict, layout: Layout) -> torch.Tensor:

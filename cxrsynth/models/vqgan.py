@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrsynth.config import CodebookParams
+from cxrsynth.data.arrays import stream_digest, take
 from cxrsynth.models import folder
 from cxrsynth.eval.features import resize, to_image_tensor
 from cxrsynth.train import EpochSampler, TrainConfig, TrainResult, dist_info, seed_everything, train
@@ -500,10 +501,18 @@ class VQGANTrainer(nn.Module):
 # training
 
 def _digest(*parts: bytes) -> str:
+    """Fingerprint of parts given as bytes, or as `Digested` (the SHA-256 of data streamed from a file)."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(hashlib.sha256(part).digest())
+        h.update(part.digest if isinstance(part, Digested) else hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Digested:
+    """A part of `_digest` whose SHA-256 was computed elsewhere (chunk by chunk, never as one bytes object)."""
+
+    digest: bytes
 
 
 def train_config(p: CodebookParams, *, seed: int = 0, device: str = "auto", out_dir: str | Path | None = None,
@@ -537,19 +546,20 @@ def training_setup(p: CodebookParams, train_images: np.ndarray, validate_images:
                    progress: bool = True) -> TrainingSetup:
     """Build the model (seeded), the loss, the step -> batch function and the validation callback.
 
-    Training images are resized once to `p.image_size` and kept in memory; batches are epoch-shuffled (`EpochSampler`)
-    and carry their step, so the discriminator's delayed start is a function of the batch (resume-safe)."""
+    Training images stay where they are (a uint8 `.npy` read per batch, `cxrsynth.data.arrays.NpyRows`, or any
+    array): each batch reads its rows and is resized to `p.image_size` on its own, so memory is bounded by the batch
+    and each DDP rank reads only its sampler's rows. Batches are epoch-shuffled (`EpochSampler`) and carry their step,
+    so the discriminator's delayed start is a function of the batch (resume-safe)."""
     seed_everything(seed)
     vqgan = VQGAN(config_from_params(p))
     perceptual = PerceptualLoss(p.perceptual_model) if p.perceptual_weight > 0 else None
     trainer = VQGANTrainer(vqgan, disc_layers=p.disc_layers, disc_channels=p.disc_channels, disc_start=p.disc_start,
                            disc_weight=p.disc_weight, perceptual=perceptual, perceptual_weight=p.perceptual_weight)
-    x = to_model_input(train_images, p.image_size).contiguous()
     info = dist_info()
-    sampler = EpochSampler(len(x), p.batch_size, seed, rank=info.rank, world_size=info.world_size)
+    sampler = EpochSampler(len(train_images), p.batch_size, seed, rank=info.rank, world_size=info.world_size)
 
     def batches(step: int) -> dict:
-        return {"x": x[torch.from_numpy(sampler(step))], "step": step}
+        return {"x": to_model_input(take(train_images, sampler(step)), p.image_size).contiguous(), "step": step}
 
     def loss_fn(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         return net(batch["x"], batch["step"])
@@ -561,7 +571,7 @@ def training_setup(p: CodebookParams, train_images: np.ndarray, validate_images:
     # the checkpoint fingerprint: params, data and this file's code (a finished checkpoint of older code must not be
     # handed back as the result of new code)
     run_id = _digest(json.dumps(dataclasses.asdict(p), sort_keys=True, default=list).encode(),
-                     np.ascontiguousarray(train_images).tobytes(), np.ascontiguousarray(validate_images).tobytes(),
+                     Digested(stream_digest(train_images)), Digested(stream_digest(validate_images)),
                      Path(__file__).read_bytes())
     cfg = train_config(p, seed=seed, device=device, out_dir=out_dir, live_dir=live_dir, run_id=run_id,
                        progress=progress)
