@@ -5,6 +5,8 @@ adds one by defining such a function here or importing its registration (see `CO
 
     python -m cxrsynth generate "Moderate right pleural effusion." -n 4 --seed 0 --out DIR
     python -m cxrsynth lineage data/synthetic/images/syn-s000000-0.png [--verify] [--json]
+    python -m cxrsynth checksums /data/physionet.org/files/mimic-cxr-jpg/2.0.0 [--tables-only]
+    python -m cxrsynth export-png data/synthetic --out DIR   (PNGs of a tar / no-PNG layout)
 
 uses the trained models under `models/` (generator with its key-patch bank, VQ-GAN) and writes DIR/images/*.png,
 DIR/images.npy, DIR/manifest.parquet and DIR/contact_sheet.png, like the synthesize stage.
@@ -132,6 +134,60 @@ def _preset(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(PRESETS[args.name], sort_keys=False).rstrip())
     else:
         print(" ".join(shlex.quote(f) for f in set_flags(args.name)))
+    return 0
+
+
+@command("export-png", "write a synthetic folder's images as loose PNGs (from tar shards or images.npy)")
+def _export_parser(ap: argparse.ArgumentParser) -> Runner:
+    ap.add_argument("folder", help="a synthetic folder (manifest.parquet + images.npy), e.g. data/synthetic")
+    ap.add_argument("--out", required=True, help="folder for <synthetic_id>.png (must not be inside `folder`)")
+    return _export_png
+
+
+def _export_png(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from cxrsynth.data.arrays import NpyRows
+    from cxrsynth.png_archive import read_png
+    from cxrsynth.synthesis import png_bytes, png_text
+
+    folder, out = Path(args.folder), Path(args.out)
+    if not (folder / "manifest.parquet").is_file():
+        raise ValueError(f"{folder / 'manifest.parquet'}: no synthetic manifest")
+    if out.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"--out {out}: must be outside {folder} (a DVC output)")
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.read_parquet(folder / "manifest.parquet")
+    images = NpyRows(folder / "images.npy")
+    for i, row in enumerate(df.to_dict(orient="records")):
+        row = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+        data = read_png(folder, row) or png_bytes(images[i], png_text(row))  # the same bytes the stage would write
+        (out / f"{row['synthetic_id']}.png").write_bytes(data)
+    print(f"export-png: {len(df)} PNGs -> {out}")
+    return 0
+
+
+@command("checksums", "write ROOT/SHA256SUMS.txt (PhysioNet format) for a MIMIC-CXR(-JPG) copy that lacks one")
+def _checksums_parser(ap: argparse.ArgumentParser) -> Runner:
+    ap.add_argument("root", help="the release folder (paths.raw or paths.raw_jpg)")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="list only the top-level files (tables, reports zip): seconds instead of hours, but an image "
+                         "changed later is then never noticed")
+    ap.add_argument("--workers", type=int, default=4, help="files hashed in parallel (default 4)")
+    ap.add_argument("--force", action="store_true", help="replace an existing SHA256SUMS.txt (e.g. PhysioNet's own)")
+    return _checksums
+
+
+def _checksums(args: argparse.Namespace) -> int:
+    from cxrsynth.data.layout import CHECKSUMS, read_checksums, write_checksums
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    if (root / CHECKSUMS).is_file() and not args.force:
+        raise ValueError(f"{root / CHECKSUMS} exists (the release's own?); --force replaces it")
+    path = write_checksums(root, tables_only=args.tables_only, workers=max(1, args.workers))
+    print(f"wrote {path} ({len(read_checksums(path))} files)")
     return 0
 
 

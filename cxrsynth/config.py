@@ -423,6 +423,10 @@ class SynthesizeParams:
     batch_size: int = _opt(128, lo=1, hi=65536, doc="prompts sampled together")
     dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
     write_dicom: bool = _opt(False, doc="also write DICOM copies marked synthetic")
+    png_layout: str = _opt("loose", choices=("loose", "tar", "none"),
+                           doc="loose images/<id>.png | tar: png/<k>.tar shards (100k+ images: a few files for DVC) "
+                               "| none (images.npy only)")
+    png_shard_size: int = _opt(10000, lo=1, hi=10_000_000, doc="tar layout: PNGs per archive")
     contact_sheet_images: int = _opt(24, lo=1, hi=500)
     cpu_threads: int = _opt(1, lo=0, hi=1024, doc="torch threads on CPU (0 = torch's default)")
 

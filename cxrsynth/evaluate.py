@@ -574,7 +574,7 @@ def codebook_ceiling(vqgan, tokens_dir: str | Path, models: str | Path, train_im
     from cxrsynth.data.tokens import TokenStoreError, load_tokens
 
     try:
-        grids = np.asarray(load_tokens(tokens_dir, "train", vqgan=Path(models) / "vqgan"))[rows]
+        grids = load_tokens(tokens_dir, "train", vqgan=Path(models) / "vqgan")[np.asarray(rows)]
     except TokenStoreError:
         return vqgan.reconstruct(train_images[rows])
     return vqgan.decode_tokens(grids)
@@ -664,7 +664,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
         grids = synthetic_tokens(synthetic, vqgan)
         score = lambda t, g: align.score(t, g)  # noqa: E731
         metrics.update(alignment_block(score, synthetic.texts, grids, shuffles=e.alignment_shuffles, seed=seed))
-        real_grids = np.asarray(load_tokens(tokens_dir, "test"))[r_idx]
+        real_grids = load_tokens(tokens_dir, "test")[np.asarray(r_idx)]
         metrics.update(alignment_block(score, [synthetic.texts[i] for i in s_idx], real_grids,
                                        shuffles=e.alignment_shuffles, seed=seed, prefix="alignment/real"))
     log(f"evaluate: alignment done ({time.perf_counter() - t_start:.0f} s)")

@@ -15,14 +15,17 @@ Reads only: dvc.lock, params.yaml, the synthetic manifest and files, model folde
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from cxrsynth.io import file_sha256
+from cxrsynth.png_archive import pixels_sha256
 
 MODEL_FOLDERS = {"generator": "generator", "vqgan": "vqgan", "align": "align"}
 CODE_SUFFIXES = (".py", ".yaml", ".toml", ".txt", ".cfg")
@@ -75,6 +78,7 @@ def find_row(repo: Path, target: str) -> tuple[dict, Path]:
     if hit.empty:
         raise LineageError(f"{target}: not in {manifest} (neither a synthetic_id, a prompt_id nor one of its files)")
     row = {k: (None if isinstance(v, float) and v != v else v) for k, v in hit.iloc[0].to_dict().items()}
+    row["manifest_row"] = int(hit.index[0])  # = its row in images.npy
     for k, v in row.items():
         if hasattr(v, "item"):
             row[k] = v.item()
@@ -132,13 +136,14 @@ def lineage(repo: str | Path, target: str) -> dict:
     repo = Path(repo).resolve()
     row, syn = find_row(repo, target)
     stages = _lock(repo)
-    image = syn / row["file"]
+    image = syn / (row.get("file") or "images.npy")  # no PNG (png_layout none): the images array
     models_dir = _paths(repo)["models"]
     models = {}
     for key, folder in MODEL_FOLDERS.items():
         rel = (models_dir / folder).as_posix()
         models[key] = {"path": rel, "sha256": row.get(f"{key}_sha256"), "stage": producer(stages, rel)}
-    synth_stage = producer(stages, (_paths(repo)["synthetic"] / row["file"]).as_posix()) or "synthesize"
+    synth_stage = producer(stages, (_paths(repo)["synthetic"] / (row.get("file") or "images.npy")).as_posix()) \
+        or "synthesize"
     chain = upstream(stages, synth_stage)
     raw = sorted({d["path"] for s in chain for d in stages[s].get("deps", [])
                   if producer(stages, d["path"]) is None and not d["path"].endswith(CODE_SUFFIXES)})
@@ -148,6 +153,8 @@ def lineage(repo: str | Path, target: str) -> dict:
                   "terms": json.loads(row["terms"]) if row.get("terms") else [],
                   "key_patches": json.loads(row["key_patches"]) if row.get("key_patches") else [],
                   "file": image.relative_to(repo).as_posix(), "file_sha256": row.get("png_sha256"),
+                  "member": row.get("member"), "manifest_row": row["manifest_row"],
+                  "pixels_sha256": row.get("pixels_sha256"),
                   "labels_asked": {k: row[k] for k in _label_columns(row) if row.get(k) is not None}},
         "models": models,
         "stages": {s: {"cmd": stages[s].get("cmd"), "params": stages[s].get("params", {}),
@@ -172,11 +179,30 @@ def verify(repo: str | Path, report: dict) -> list[str]:
 
     repo = Path(repo).resolve()
     problems = []
-    image = repo / report["image"]["file"]
+    img = report["image"]
+    image = repo / img["file"]
+    where = img["file"] + (f":{img['member']}" if img.get("member") else "")
     if not image.is_file():
-        problems.append(f"{report['image']['file']}: image file missing")
-    elif report["image"]["file_sha256"] and file_sha256(image) != report["image"]["file_sha256"]:
-        problems.append(f"{report['image']['file']}: image edited since it was made (sha256 differs from manifest)")
+        problems.append(f"{img['file']}: image file missing")
+    elif img.get("member"):  # a PNG inside a tar shard (png_layout tar)
+        try:
+            with tarfile.open(image, "r") as tar:
+                data = tar.extractfile(img["member"]).read()
+        except (OSError, KeyError, AttributeError, tarfile.TarError) as e:
+            data = None
+            problems.append(f"{where}: cannot read the PNG ({e})")
+        if data is not None and hashlib.sha256(data).hexdigest() != img["file_sha256"]:
+            problems.append(f"{where}: image edited since it was made (sha256 differs from manifest)")
+    elif image.suffix == ".npy":  # no PNG: the image's row of images.npy
+        from cxrsynth.data.arrays import NpyRows
+
+        rows = NpyRows(image)
+        if img.get("manifest_row") is None or img["manifest_row"] >= len(rows) or \
+                pixels_sha256(rows[img["manifest_row"]]) != img.get("pixels_sha256"):
+            problems.append(f"{img['file']} row {img.get('manifest_row')}: image edited since it was made "
+                            "(pixels_sha256 differs from manifest)")
+    elif img["file_sha256"] and file_sha256(image) != img["file_sha256"]:
+        problems.append(f"{img['file']}: image edited since it was made (sha256 differs from manifest)")
     m = report["models"]
     now = model_hashes(repo / m["generator"]["path"], repo / m["vqgan"]["path"])
     for key in ("generator", "vqgan", "align"):

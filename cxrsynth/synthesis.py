@@ -42,6 +42,7 @@ from cxrsynth.config import Params
 from cxrsynth.io import file_sha256
 from cxrsynth.keypatches import BANK_FILE, KeyPatch, terms_from_json, terms_of_text
 from cxrsynth.models.generator import Generator, folder_sha256, position_ids, report_text
+from cxrsynth.png_archive import LAYOUTS, TarShards, png_bytes, pixels_sha256
 from cxrsynth.shards import ShardError, check_shards, digest, shard_range, write_shard
 from cxrsynth.text.chexpert import OBSERVATIONS
 from cxrsynth.train import autocast_context
@@ -318,24 +319,17 @@ def synthesize(gen: Generator, vqgan, prompts: Sequence[PromptRecord], sampling:
 # files
 
 def write_png(path: Path, image: np.ndarray, text: dict) -> None:
-    """8-bit grayscale PNG with tEXt chunks (deterministic bytes)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in text.items():
-        info.add_itxt(k, str(v))
+    """8-bit grayscale PNG with iTXt chunks (deterministic bytes: `png_archive.png_bytes`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8), mode="L").save(path, pnginfo=info, optimize=False,
-                                                                   compress_level=6)
+    path.write_bytes(png_bytes(image, text))
 
 
 def png_text(row: dict) -> dict:
     """What a PNG says about itself: synthetic, which prompt and models; nothing that names a real image."""
     return {"Software": "cxrsynth", "Description": SYNTHETIC_NOTE, "synthetic": "true",
             "synthetic_id": row["synthetic_id"], "prompt_id": row["prompt_id"], "prompt": row["text"],
-            "view": row["view"], "seed": row["seed"], "generator_sha256": row.get("generator_sha256", ""),
-            "vqgan_sha256": row.get("vqgan_sha256", ""), "align_sha256": row.get("align_sha256", "")}
+            "view": row["view"], "seed": int(row["seed"]), "generator_sha256": row.get("generator_sha256") or "",
+            "vqgan_sha256": row.get("vqgan_sha256") or "", "align_sha256": row.get("align_sha256") or ""}
 
 
 def write_dicom_copy(path: Path, image: np.ndarray, row: dict, rng: np.random.Generator) -> None:
@@ -377,20 +371,37 @@ def contact_sheet(images: np.ndarray, rows: Sequence[dict], n: int, title: str):
 
 
 def write_images(out_dir: str | Path, rows: Sequence[dict], images: np.ndarray, *, write_dicom: bool = False,
-                 dicom_seed: int = 0) -> list[dict]:
-    """images/<synthetic_id>.png (and dicom/<synthetic_id>.dcm) under out_dir; returns the rows with `file` and
-    `png_sha256`. A DICOM's UIDs are drawn from a generator seeded by (dicom_seed, the image's seed)."""
+                 dicom_seed: int = 0, layout: str = "loose", shard_size: int = 10000) -> list[dict]:
+    """The PNGs by `layout` (`cxrsynth.png_archive`: loose `images/<synthetic_id>.png`, tar shards `png/<k>.tar`, or
+    none) and dicom/<synthetic_id>.dcm under out_dir; returns the rows with `file`, `png_sha256` (and `member`,
+    `pixels_sha256` outside the loose layout). A DICOM's UIDs are drawn from a generator seeded by (dicom_seed, the
+    image's seed)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"png layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if layout == "loose":
+        (out / "images").mkdir(parents=True, exist_ok=True)
     done = []
+    shards = TarShards(out, shard_size) if layout == "tar" else None
     for row, img in zip(rows, images):
-        row = {**row, "file": f"images/{row['synthetic_id']}.png"}
-        write_png(out / row["file"], img, png_text(row))
-        row["png_sha256"] = file_sha256(out / row["file"])
+        if layout == "loose":
+            row = {**row, "file": f"images/{row['synthetic_id']}.png"}
+            write_png(out / row["file"], img, png_text(row))
+            row["png_sha256"] = file_sha256(out / row["file"])
+        elif layout == "tar":
+            data = png_bytes(img, png_text(row))
+            member = f"{row['synthetic_id']}.png"
+            row = {**row, "file": shards.add(member, data), "member": member,
+                   "png_sha256": hashlib.sha256(data).hexdigest(), "pixels_sha256": pixels_sha256(img)}
+        else:
+            row = {**row, "file": None, "member": None, "png_sha256": None, "pixels_sha256": pixels_sha256(img)}
         if write_dicom:
             rng = np.random.default_rng([dicom_seed, 4242, int(row["seed"])])
             write_dicom_copy(out / "dicom" / f"{row['synthetic_id']}.dcm", img, row, rng)
         done.append(row)
+    if shards is not None:
+        shards.close()
     return done
 
 
@@ -444,7 +455,7 @@ def params_sha256(params: Params) -> str:
 
 
 def _clear(out: Path) -> None:
-    for old in (out / "images", out / "dicom"):  # fixed names: stale files of an earlier run must not linger
+    for old in (out / "images", out / "dicom", out / "png"):  # fixed names: stale files must not linger
         if old.is_dir():
             for f in old.iterdir():
                 f.unlink()
@@ -495,7 +506,9 @@ def run_stage(params: Params, out: str | Path, shard: tuple[int, int] | None = N
                      samples_per_prompt=p.samples_per_prompt, hashes=hashes, items=items)
     out = Path(out)
     _clear(out)
-    rows = write_images(out, syn.rows, syn.images, write_dicom=p.write_dicom, dicom_seed=params.base.seed)
+    # shards write loose PNGs into their folder; the merge packs them into the layout asked for
+    rows = write_images(out, syn.rows, syn.images, write_dicom=p.write_dicom, dicom_seed=params.base.seed,
+                        layout="loose" if shard is not None else p.png_layout, shard_size=p.png_shard_size)
     ctx = {"prompts": len(prompts), "codebook_size": gen.layout.codebook_size, "device": device.type,
            "hashes": hashes,
            "title": f"synthetic chest X-rays ({p.prompt_source}; T={p.temperature}, top-k {p.top_k}, "
@@ -519,7 +532,10 @@ def merge_synthesis(params: Params, folders: Sequence[str | Path], out: str | Pa
     out = Path(out)
     shards = check_shards(folders, "synthesize", params_sha256(params), out=out)
     _clear(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    layout = params.synthesize.png_layout
+    if layout == "loose":
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    archive = TarShards(out, params.synthesize.png_shard_size) if layout == "tar" else None
     rows, images, codes = [], [], []
     for s in shards:
         try:
@@ -528,10 +544,20 @@ def merge_synthesis(params: Params, folders: Sequence[str | Path], out: str | Pa
             if not len(part) == len(imgs) == len(cds) == s.stop - s.start:
                 raise ShardError(f"{s.name}: {len(part)} rows, {len(imgs)} images and {len(cds)} code grids for "
                                  f"{s.stop - s.start} items")
-            for row in part:
-                shutil.copyfile(s.path / row["file"], out / row["file"])
-                if file_sha256(out / row["file"]) != row["png_sha256"]:
+            for k, row in enumerate(part):
+                data = (s.path / row["file"]).read_bytes()
+                if hashlib.sha256(data).hexdigest() != row["png_sha256"]:
                     raise ShardError(f"{s.name}: {row['file']} does not match its sha256 in rows.json")
+                base = {key: v for key, v in row.items() if key not in ("file", "png_sha256")}  # write_images' order
+                if layout == "loose":
+                    (out / row["file"]).write_bytes(data)
+                elif layout == "tar":
+                    member = f"{row['synthetic_id']}.png"
+                    part[k] = {**base, "file": archive.add(member, data), "member": member,
+                               "png_sha256": row["png_sha256"], "pixels_sha256": pixels_sha256(imgs[k])}
+                else:
+                    part[k] = {**base, "file": None, "member": None, "png_sha256": None,
+                               "pixels_sha256": pixels_sha256(imgs[k])}
                 if params.synthesize.write_dicom:
                     name = f"dicom/{row['synthetic_id']}.dcm"
                     (out / "dicom").mkdir(exist_ok=True)
@@ -541,6 +567,8 @@ def merge_synthesis(params: Params, folders: Sequence[str | Path], out: str | Pa
         rows += part
         images.append(imgs)
         codes.append(cds)
+    if archive is not None:
+        archive.close()
     images, codes = np.concatenate(images), np.concatenate(codes)
     ctx = shards[0].extra | {"device": ",".join(sorted({s.extra["device"] for s in shards}))}
     df = write_tables(out, rows, images, sheet_images=params.synthesize.contact_sheet_images, title=ctx["title"])

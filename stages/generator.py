@@ -67,6 +67,7 @@ def main() -> None:
     gen = new_generator(spec, tokenizer, grid, k_codes, p.key_patches, p.max_text_tokens, bank, params.base.seed,
                         pretrained_path=p.pretrained_path)
     data = {s: training_data(gen, texts[s], views[s], tokens[s], terms_of_text) for s in tokens}
+    splits = list(tokens)
     del tokens, texts, views, manifest  # training reads the compact TrainingData only
     val = data.get("validate") or data["train"]
 
@@ -92,7 +93,7 @@ def main() -> None:
     n_params = sum(t.numel() for t in gen.model.parameters())
     last = result.history[-1] if result.history else {}
     best = next((h for h in result.history if h["step"] == result.best_step), last)
-    record = {"vqgan_sha256": meta.vqgan_sha256, "tokens_sha256": {s: meta.splits[s]["sha256"] for s in tokens},
+    record = {"vqgan_sha256": meta.vqgan_sha256, "tokens_sha256": {s: meta.splits[s]["sha256"] for s in splits},
               "bank_source": bank_dir.as_posix() if p.key_patches > 0 else "",
               "training": {"params": dataclasses.asdict(p), "seed": params.base.seed, "steps": result.step,
                            "best_step": result.best_step, "history": result.history}}

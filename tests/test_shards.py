@@ -168,3 +168,23 @@ def test_synthesize_shards_merge_into_the_unsharded_outputs_with_dicom(project, 
     # per-position entropy of the drawn grids (vqgan.code_usage), the same merged as unsharded (checked above)
     assert 0.0 < m["code_position_entropy"] <= math.log(min(K, 10)) + 1e-9
     assert "shard 0/2 missing" in fails(synthesize_stage, project, capsys, "--merge", shards[1], "--out", "bad")
+
+
+def test_synthesize_shards_merge_into_tar_shards_like_an_unsharded_run(project, tmp_path):
+    """png_layout tar: the merged archives are byte-identical to an unsharded run's (shards keep loose PNGs)."""
+    import shutil
+
+    work = tmp_path / "tarproj"
+    shutil.copytree(project, work, ignore=shutil.ignore_patterns("synthetic", "shards", "merged", "metrics"))
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["synthesize"].update(png_layout="tar", png_shard_size=3, write_dicom=False)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    run(synthesize_stage, work)
+    for i in range(2):
+        run(synthesize_stage, work, "--shard", f"{i}/2", "--out", f"shards/syn{i}")
+    run(synthesize_stage, work, "--merge", "shards/syn0", "shards/syn1", "--out", "merged/synthetic",
+        "--metrics", "merged/synthesize.json")
+    assert sorted(p.name for p in (work / "synthetic" / "png").iterdir()) == [f"{k:06d}.tar" for k in range(4)]
+    assert not (work / "synthetic" / "images").exists()
+    assert_same_outputs(work / "synthetic", work / "merged" / "synthetic", work / "metrics" / "synthesize.json",
+                        work / "merged" / "synthesize.json")

@@ -164,3 +164,40 @@ def test_generate_command_on_tiny_models(models, tmp_path, capsys):
     assert rc == 0 and len(pd.read_parquet(tmp_path / "o2" / "manifest.parquet")) == 1
     rc = cli(["generate", "x", "--out", str(tmp_path / "o3"), "--models", str(tmp_path / "nothing")])
     assert rc == 2 and "train it first" in capsys.readouterr().err
+
+
+def test_png_layouts_hold_the_same_images(tmp_path):
+    """tar shards and the no-PNG layout carry exactly the loose layout's PNG bytes (or the pixels), deterministically,
+    and `export-png` turns either back into the loose files."""
+    import tarfile
+
+    from cxrsynth.__main__ import main as cli
+    from cxrsynth.png_archive import pixels_sha256, read_png
+    from cxrsynth.synthesis import write_images, write_tables
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    rows = [{"synthetic_id": f"syn-s{i}-0", "prompt_id": f"s{i}", "text": "Right pleural effusion.", "view": "PA",
+             "seed": i, "sample": 0, "source_study_id": None, "key_patches": "[]", "n_key_patches": 0} for i in range(5)]
+    loose = write_images(tmp_path / "loose", rows, images)
+    tar = write_images(tmp_path / "tar", rows, images, layout="tar", shard_size=2)
+    again = write_images(tmp_path / "tar2", rows, images, layout="tar", shard_size=2)
+    none = write_images(tmp_path / "none", rows, images, layout="none")
+    assert sorted(p.name for p in (tmp_path / "tar" / "png").iterdir()) == ["000000.tar", "000001.tar", "000002.tar"]
+    assert not (tmp_path / "tar" / "images").exists() and not (tmp_path / "none" / "images").exists()
+    for a, b, c, d, img in zip(loose, tar, again, none, images):
+        data = read_png(tmp_path / "tar", b)
+        assert data == (tmp_path / "loose" / a["file"]).read_bytes() == read_png(tmp_path / "loose", a)
+        assert b["png_sha256"] == a["png_sha256"] and b["pixels_sha256"] == pixels_sha256(img) == d["pixels_sha256"]
+        assert (b["file"], b["member"]) == (c["file"], c["member"]) and d["file"] is None and d["png_sha256"] is None
+    for name in ("000000.tar", "000002.tar"):
+        assert (tmp_path / "tar" / "png" / name).read_bytes() == (tmp_path / "tar2" / "png" / name).read_bytes()
+    with tarfile.open(tmp_path / "tar" / "png" / "000001.tar") as t:
+        assert t.getnames() == ["syn-s2-0.png", "syn-s3-0.png"] and {m.mtime for m in t.getmembers()} == {0}
+    for layout, done in (("tar", tar), ("none", none)):
+        write_tables(tmp_path / layout, done, images, sheet_images=2)
+        assert cli(["export-png", str(tmp_path / layout), "--out", str(tmp_path / f"out-{layout}")]) == 0
+        for a in loose:
+            assert (tmp_path / f"out-{layout}" / f"{a['synthetic_id']}.png").read_bytes() == \
+                (tmp_path / "loose" / a["file"]).read_bytes()
+    assert cli(["export-png", str(tmp_path / "tar"), "--out", str(tmp_path / "tar" / "inside")]) == 2

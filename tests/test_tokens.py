@@ -10,6 +10,7 @@ import yaml
 from images import blobs
 
 from cxrsynth.config import CodebookParams
+from cxrsynth.data.arrays import NpyRows
 from cxrsynth.data.tokens import TokenStoreError, load_tokens, read_meta, tokens_file, write_tokens
 from cxrsynth.models.vqgan import VQGAN, fit, psnr, to_model_input, to_unit, weights_sha256
 
@@ -54,7 +55,7 @@ def test_stage_writes_aligned_uint16_tokens_that_decode_close_to_the_images(work
     assert sidecar["counts"] == SPLIT_SIZES and sidecar["dtype"] == "uint16"
     for split, n in SPLIT_SIZES.items():
         tokens = load_tokens(root / "data" / "tokens", split, vqgan=root / "models" / "vqgan")
-        assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16 and tokens.shape == (n, 8, 8)
+        assert isinstance(tokens, NpyRows) and tokens.dtype == np.uint16 and tokens.shape == (n, 8, 8)
         # row i belongs to the manifest row with image_row i (the manifest itself is in shuffled order)
         for _, row in manifest[manifest.split == split].iterrows():
             i = int(row.image_row)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrsynth.data.arrays import NpyRows
 from cxrsynth.io import file_sha256
 
 FORMAT = "cxrsynth-tokens"
@@ -128,7 +129,8 @@ def write_tokens(directory: str | Path, tokens: Mapping[str, np.ndarray], *, cod
 
 def load_tokens(directory: str | Path, split: str, *, vqgan: str | Path | None = None,
                 expected_sha256: str | None = None, verify: bool = True) -> np.ndarray:
-    """The memory-mapped uint16 token array of a split, N x H x W, after checking it against the sidecar.
+    """The uint16 token array of a split, N x H x W, after checking it against the sidecar, as `NpyRows` (rows read
+    on demand; `np.asarray(...)` reads it all).
 
     `vqgan` (a VQ-GAN folder) or `expected_sha256` (its weights' hash): the tokens must come from exactly those
     weights. `verify`: also compare the array file's SHA-256 with the sidecar (reads the file once)."""
@@ -150,7 +152,7 @@ def load_tokens(directory: str | Path, split: str, *, vqgan: str | Path | None =
     entry = meta.splits[split]
     if verify and file_sha256(path) != entry.get("sha256"):
         raise TokenStoreError(f"{path}: content hash differs from {SIDECAR} (file changed after it was written)")
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    arr = NpyRows(path)  # read on demand (pread), never mapped whole: see cxrsynth.data.arrays
     want = (int(entry["count"]), *meta.grid_size)
     if arr.dtype != DTYPE or arr.shape != want:
         raise TokenStoreError(f"{path}: expected uint16 {list(want)}, got {arr.dtype} {list(arr.shape)}")

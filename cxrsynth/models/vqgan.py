@@ -357,16 +357,25 @@ def code_usage(indices: np.ndarray | torch.Tensor, codebook_size: int) -> dict[s
     codebook_size when uniform, 1 when a single code). For grids (N x h x w) also `position_entropy`: the entropy
     (nats) of the codes seen at each grid position over the N grids, averaged over positions. It is what a model
     that knows only the position would pay per token, so it tracks how hard the generator's job is: a codebook
-    that spends many codes on near-identical patches (blank film) scores high there with no gain in fidelity."""
-    idx = indices.long() if isinstance(indices, torch.Tensor) else \
-        torch.from_numpy(np.asarray(indices).astype(np.int64))  # a copy: memmaps are read-only
-    counts = torch.bincount(idx.flatten(), minlength=codebook_size).double()
+    that spends many codes on near-identical patches (blank film) scores high there with no gain in fidelity.
+    Counted a chunk of grids at a time (memmaps and `NpyRows` included): memory O(positions x codebook), not O(N)."""
+    n = len(indices)
+    shape = tuple(indices.shape)
+    counts = torch.zeros(codebook_size, dtype=torch.float64)
+    hist = torch.zeros(int(np.prod(shape[1:])) if len(shape) >= 3 else 0, codebook_size, dtype=torch.float64)
+    step = max(1, 4096 if len(shape) < 2 else (1 << 20) // max(1, int(np.prod(shape[1:]))))
+    for i in range(0, n, step):
+        chunk = indices[i:i + step]
+        idx = chunk.long() if isinstance(chunk, torch.Tensor) else \
+            torch.from_numpy(np.asarray(chunk).astype(np.int64))  # a copy: memmaps are read-only
+        counts += torch.bincount(idx.flatten(), minlength=codebook_size).double()[:codebook_size] \
+            if idx.numel() else 0.0
+        if len(shape) >= 3 and len(idx):
+            per_pos = idx.flatten(1).T  # positions x chunk
+            hist.scatter_add_(1, per_pos, torch.ones_like(per_pos, dtype=torch.float64))
     out = {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).double().mean()),
            "perplexity": float(_entropy(counts).exp())}
-    if idx.dim() >= 3 and len(idx):
-        per_pos = idx.flatten(1).T  # positions x N
-        hist = torch.zeros(per_pos.shape[0], codebook_size, dtype=torch.float64)
-        hist.scatter_add_(1, per_pos, torch.ones_like(per_pos, dtype=torch.float64))
+    if len(shape) >= 3 and n:
         out["position_entropy"] = float(_entropy(hist).mean())
     return out
 

@@ -1,0 +1,222 @@
+"""Benchmark: every stage's peak memory, time and disk at three dataset sizes, and the extrapolation to MIMIC-CXR.
+
+    python -m bench.scale [--sizes small=40,default=300,large=12000] [--workdir /tmp/cxrsynth-scale]
+                          [--out bench/scale.md] [--keep]
+
+For each size (phantom patients), in a scratch copy of this working tree (code, dvc.yaml, params.yaml; no data):
+1. write the phantom directly (`stages.fixture`, outside DVC, as a user's download would be: at MIMIC scale the
+   release is not a DVC output), at `fixture.image_scale` 0.05, frontal views only, no JPG tree;
+2. `dvc repro` the rest of the pipeline with every stage's command wrapped in `bench.measure` (peak RSS of the
+   stage process from `os.wait4`, wall seconds), under the same reduced training budgets at every size (steps and
+   epochs do not change what a stage holds per image; they only make the large run fit the bench);
+3. time a no-op `dvc status` (twice; the second is reported) and `du` the outputs and the DVC cache.
+
+Then, per stage, a least-squares line of peak RSS against the number of accepted images gives the fixed cost and
+the bytes per image, and the extrapolation to 377,110 images. Target: every slope <= 2 kB per image; `dvc status`
+at the large size within 2x of the default's. Writes the markdown table to --out and prints it.
+
+All stages run single-process (`base.num_workers: 0`, one torch thread per the stages' own settings), so each
+stage's peak is one process's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MIMIC_IMAGES = 377_110
+STAGES = ("ingest", "classifier", "prompts", "codebook", "tokens", "align", "generator", "synthesize", "evaluate")
+
+# the same reduced budgets at every size (memory per image does not depend on them)
+BUDGET = {
+    "base": {"num_workers": 0},
+    "fixture": {"image_scale": 0.05, "lateral_fraction": 0.0, "write_jpg": False, "jpeg2000_fraction": 0.0,
+                "contact_sheet_images": 8},
+    "codebook": {"steps": 40, "eval_every": 20, "checkpoint_every": 20, "disc_start": 20, "warmup_steps": 5},
+    "classifier": {"epochs": 1, "bootstrap": 100, "checkpoint_every_epochs": 1},
+    "align": {"steps": 20, "eval_every": 10, "checkpoint_every": 10, "warmup_steps": 5},
+    "generator": {"steps": 20, "eval_every": 10, "checkpoint_every": 10},
+    "prompts": {"paired": False, "n_sampled": 100},
+    "evaluate": {"utility_epochs": 1, "bootstrap": 100, "kid_subsets": 20},
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True)
+    if check and res.returncode:
+        sys.stderr.write(res.stdout[-4000:] + res.stderr[-4000:])
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (exit {res.returncode})")
+    return res
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True, capture_output=True,
+                         check=True).stdout.split("\n")
+    skip = ("data/", "models/", "metrics/", "dvclive/", ".dvc/cache", "dvc.lock")
+    return [f for f in out if f and not f.startswith(skip) and (ROOT / f).is_file()]
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def scratch(work: Path, patients: int) -> Path:
+    """A fresh copy of the code with the bench's params and a dvc.yaml whose stages run under bench.measure."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for f in tracked_files():
+        (work / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, work / f)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = merge(params, BUDGET)
+    params["fixture"]["sizes"] = {**params["fixture"]["sizes"], "scale": patients}
+    params["fixture"]["size"] = "scale"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    del dvc["stages"]["fixture"]  # the release is input data here, not a DVC output
+    for name, st in dvc["stages"].items():
+        st["cmd"] = f"python -m bench.measure {name} stages.{name}"
+        st["deps"] = [d for d in st.get("deps", [])]
+    (work / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    shutil.rmtree(work / ".dvc", ignore_errors=True)
+    run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], work)
+    for key, value in (("core.analytics", "false"), ("core.check_update", "false")):
+        run([sys.executable, "-m", "dvc", "config", key, value], work)
+    src_cfg = ROOT / ".dvc" / "config"
+    for line in src_cfg.read_text().splitlines():  # the repo's cache type, if it sets one
+        if line.strip().startswith("type") and "=" in line:
+            run([sys.executable, "-m", "dvc", "config", "cache.type", line.split("=", 1)[1].strip()], work)
+    return work
+
+
+def du(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return int(run(["du", "-sb", str(path)], path.parent).stdout.split()[0])
+
+
+def one_size(name: str, patients: int, workdir: Path) -> dict:
+    work = scratch(workdir / name, patients)
+    log = work / "measure.jsonl"
+    env = {**os.environ, "CXRSYNTH_MEASURE_LOG": str(log), "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    t0 = time.perf_counter()
+    run([sys.executable, "-m", "bench.measure", "fixture", "stages.fixture"], work, env)
+    print(f"[{name}] phantom written ({time.perf_counter() - t0:.0f} s)", flush=True)
+    res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, text=True,
+                         stdout=open(work / "repro.log", "w"), stderr=subprocess.STDOUT)
+    if res.returncode:
+        raise SystemExit(f"[{name}] dvc repro failed: see {work / 'repro.log'}")
+    print(f"[{name}] pipeline done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    status = []
+    for _ in range(2):
+        t = time.perf_counter()
+        out = run([sys.executable, "-m", "dvc", "status"], work, env).stdout
+        status.append(time.perf_counter() - t)
+    records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    ingest = json.loads((work / "metrics" / "ingest.json").read_text())
+    disk = {"raw": du(work / "data" / "raw"), "interim": du(work / "data" / "interim"),
+            "tokens": du(work / "data" / "tokens"), "synthetic": du(work / "data" / "synthetic"),
+            "models": du(work / "models"), "dvc_cache": du(work / ".dvc" / "cache")}
+    return {"name": name, "patients": patients, "images": int(ingest["accepted"]), "read": int(ingest["read"]),
+            "stages": {r["label"]: r for r in records}, "status_seconds": status[-1],
+            "status_first_seconds": status[0], "status_output": out.strip()[:200], "disk": disk,
+            "work": str(work)}
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line."""
+    a = np.vstack([np.ones(len(xs)), np.asarray(xs, float)]).T
+    (c, m), *_ = np.linalg.lstsq(a, np.asarray(ys, float), rcond=None)
+    return float(c), float(m)
+
+
+def mib(b: float) -> str:
+    return f"{b / 2**20:,.0f}"
+
+
+def report(results: list[dict]) -> str:
+    names = [r["name"] for r in results]
+    n = [r["images"] for r in results]
+    lines = [f"# Stage memory, time and disk against dataset size ({time.strftime('%Y-%m-%d')}, `python -m "
+             f"bench.scale`)", "",
+             "Sizes (accepted frontal images): " + ", ".join(f"{r['name']} {r['images']:,} ({r['patients']:,} "
+                                                             f"patients)" for r in results) + ".",
+             "Peak RSS of each stage process (MiB), wall seconds, fitted bytes per image of peak memory above its "
+             f"fixed cost, and the extrapolation to MIMIC-CXR's {MIMIC_IMAGES:,} images (fixed + slope x N). Reduced "
+             "training budgets at every size (bench/scale.py: BUDGET), one process per stage.", "",
+             "| stage | " + " | ".join(f"RSS {x}" for x in names) + " | " + " | ".join(f"s {x}" for x in names)
+             + " | bytes/image | at 377k images |",
+             "|---|" + "---:|" * (2 * len(names) + 2)]
+    worst = 0.0
+    for stage in ("fixture", *STAGES):
+        rss = [r["stages"].get(stage, {}).get("max_rss_bytes") for r in results]
+        sec = [r["stages"].get(stage, {}).get("seconds") for r in results]
+        if any(v is None for v in rss):
+            continue
+        c, m = fit(n, rss)
+        if stage != "fixture":
+            worst = max(worst, m)
+        lines.append(f"| {stage} | " + " | ".join(mib(v) for v in rss) + " | " + " | ".join(f"{v:.0f}" for v in sec)
+                     + f" | {m:,.0f} | {mib(c + m * MIMIC_IMAGES)} MiB |")
+    lines += ["", f"Largest slope of a pipeline stage (fixture excluded: at MIMIC scale the release is given): "
+                  f"{worst:,.0f} bytes per image (target <= 2,048).", ""]
+    lines += ["| size | `dvc status` (s, warm) | first `dvc status` (s) | raw | interim | tokens | synthetic | models "
+              "| DVC cache |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        d = r["disk"]
+        lines.append(f"| {r['name']} | {r['status_seconds']:.2f} | {r['status_first_seconds']:.2f} | "
+                     + " | ".join(f"{mib(d[k])} MiB" for k in ("raw", "interim", "tokens", "synthetic", "models",
+                                                              "dvc_cache")) + " |")
+    by = {r["name"]: r for r in results}
+    if "default" in by and len(results) > 1:
+        big = results[-1]
+        ratio = big["status_seconds"] / max(by["default"]["status_seconds"], 1e-9)
+        lines += ["", f"`dvc status` at {big['name']} / at default: {ratio:.2f}x (target <= 2x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="small=40,default=300,large=12000",
+                    help="name=patients,... (at least two sizes)")
+    ap.add_argument("--workdir", default="/tmp/cxrsynth-scale")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "scale.md"))
+    ap.add_argument("--json", default=str(ROOT / "bench" / "scale.json"), help="raw results")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch copies")
+    args = ap.parse_args()
+    sizes = []
+    for part in args.sizes.split(","):
+        name, _, n = part.partition("=")
+        if not n.isdigit() or int(n) < 2:
+            ap.error(f"--sizes: expected name=patients with patients >= 2, got {part!r}")
+        sizes.append((name, int(n)))
+    if len(sizes) < 2:
+        ap.error("--sizes: at least two sizes are needed for a slope")
+    results = []
+    for name, patients in sizes:
+        r = one_size(name, patients, Path(args.workdir))
+        results.append(r)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        if not args.keep:
+            shutil.rmtree(r["work"], ignore_errors=True)
+    text = report(results)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
