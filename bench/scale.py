@@ -39,7 +39,7 @@ STAGES = ("ingest", "classifier", "prompts", "codebook", "tokens", "align", "gen
 # the same reduced budgets at every size (memory per image does not depend on them)
 BUDGET = {
     "base": {"num_workers": 0},
-    "fixture": {"image_scale": 0.05, "lateral_fraction": 0.0, "write_jpg": False, "jpeg2000_fraction": 0.0,
+    "fixture": {"image_scale": 0.05, "lateral_fraction": 0.0, "jpeg2000_fraction": 0.0,
                 "contact_sheet_images": 8},
     "codebook": {"steps": 40, "eval_every": 20, "checkpoint_every": 20, "disc_start": 20, "warmup_steps": 5},
     "classifier": {"epochs": 1, "bootstrap": 100, "checkpoint_every_epochs": 1},

@@ -42,8 +42,9 @@ import pandas as pd
 import torch
 
 from cxrsynth.config import ClassifierParams, EvaluateParams
-from cxrsynth.data.arrays import Concat, Resized, iter_chunks, split_images
-from cxrsynth.eval.features import FeatureExtractor, Features, TorchScriptFeatures, extract, resize, to_image_tensor
+from cxrsynth.data.arrays import Concat, iter_chunks, split_images
+from cxrsynth.eval.features import (FeatureExtractor, Features, Resized, TorchScriptFeatures, extract, resize,
+                                    to_image_tensor)
 from cxrsynth.eval.geometry import find_lungs, measure_ctr
 from cxrsynth.eval.metrics import (Memorization, closest_pairs_grid, fidelity, macro_auroc, nearest, per_label_auroc,
                                    pixel_vectors, same_extractor)

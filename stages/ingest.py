@@ -2,7 +2,10 @@
 
 Reads params.yaml (base.num_workers, paths.raw, paths.raw_jpg, paths.interim, ingest.*) and the dataset under
 paths.raw / paths.raw_jpg. Writes paths.interim/{manifest.parquet, rejected.parquet, images_<split>.npy,
-sample_grid.png} and metrics/ingest.json.
+sample_grid.png, release.json} and metrics/ingest.json.
+
+Under DVC the stage depends on the release's fingerprint files (record/study lists, metadata, split and label tables,
+reports zip, each root's SHA256SUMS.txt), not on the image trees: see cxrsynth.data.ingest.release_fingerprint.
 
 Scale-out (cxrsynth.shards): `--shard I/N --out DIR` decodes only shard I of N into the shard folder DIR;
 `--merge DIR...` merges the folders of shards 0..N-1 into the outputs above (or `--out`, `--metrics`).
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     write_json(args.metrics or Path(params.paths.metrics) / "ingest.json", metrics)
     print(f"ingest: read {metrics['read']} = accepted {metrics['accepted']} + rejected {metrics['rejected']} "
-          f"({metrics['rejected_by_reason']}); {metrics['images_per_second']} images/s")
+          f"({metrics['rejected_by_reason']}); {metrics['images_per_second']} images/s; release "
+          f"{metrics['release_sha256']}")
 
 
 if __name__ == "__main__":

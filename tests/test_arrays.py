@@ -9,8 +9,8 @@ from toys import labeled_squares, save_tiny_bert
 
 from cxrsynth.config import ClassifierParams
 from cxrsynth.data import arrays
-from cxrsynth.data.arrays import Concat, NpyRows, Resized, mean_std, stream_sha256
-from cxrsynth.eval.features import resize, to_image_tensor
+from cxrsynth.data.arrays import Concat, NpyRows, stream_sha256
+from cxrsynth.eval.features import Resized, mean_std, resize, to_image_tensor
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ import pytest
 
 from cxrsynth.config import FixtureParams
 from cxrsynth.data import dicom
-from cxrsynth.data.layout import CSV_NAMES, HEADERS, JPG_LIST, REPORTS_ZIP
+from cxrsynth.data.layout import CHECKSUMS, CSV_NAMES, HEADERS, JPG_LIST, REPORTS_ZIP, read_checksums
 from cxrsynth.data.phantom.dataset import generate
 from cxrsynth.data.phantom.render import render_image
 from cxrsynth.data.phantom.truth import Anatomy, Finding, Pose, mask_from_rle
@@ -73,7 +73,7 @@ def test_tree_contains_exactly_the_listed_files(ds):
     root = ds["root"]
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     top = {p for p in on_disk if "/" not in p}
-    assert top == set(CSV_NAMES.values()) | {REPORTS_ZIP}
+    assert top == set(CSV_NAMES.values()) | {REPORTS_ZIP, CHECKSUMS}
     listed_images = set(_csv(root, "records").path)
     listed_reports = set(_csv(root, "studies").path)
     by_path = {t["path"]: t for t in ds["truth"]}
@@ -87,6 +87,29 @@ def test_tree_contains_exactly_the_listed_files(ds):
     assert all(p.endswith(".jpg") and (ds["jpg"] / p).is_file() for p in jpgs)
     good = [t for t in ds["truth"] if t["defect"] is None]
     assert len(jpgs) == len(good)
+
+
+CHECKSUM_LINE = re.compile(r"^[0-9a-f]{64}  [^ ].*$")
+
+
+@pytest.mark.parametrize("which", ["root", "jpg"])
+def test_checksum_file_lists_every_file_of_its_root_and_verifies(ds, which):
+    """PhysioNet's SHA256SUMS.txt: `<sha256>  <relative path>` per file, sorted by path, itself excepted."""
+    root = ds[which]
+    lines = (root / CHECKSUMS).read_text(encoding="utf-8").splitlines()
+    assert lines and all(CHECKSUM_LINE.match(x) for x in lines)
+    paths = [x.split("  ", 1)[1] for x in lines]
+    assert paths == sorted(paths)
+    listed = read_checksums(root / CHECKSUMS)
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert set(listed) == on_disk - {CHECKSUMS}
+    bad = [rel for rel, digest in listed.items() if hashlib.sha256((root / rel).read_bytes()).hexdigest() != digest]
+    assert bad == []
+    if which == "jpg":
+        assert JPG_LIST in listed and any(p.endswith(".jpg") for p in listed)
+    else:
+        assert REPORTS_ZIP in listed and any(p.endswith(".dcm") for p in listed) and any(
+            p.endswith(".txt") for p in listed)
 
 
 def test_metadata_value_conventions(ds):

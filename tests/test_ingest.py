@@ -257,3 +257,171 @@ def test_identifiers_planted_in_reports_are_redacted(phantom, tmp_path):
     assert "___" in row.findings and "seen by" in row.findings
     assert metrics["reports_redacted"] >= 1 and metrics["redactions"] >= 5
     assert _run(base, tmp_path / "off", params=replace(ING, redact=False), root=root)["redactions"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the arrays are written once (sized for the candidates, cut to the accepted rows in place)
+
+def _old_way(path: Path, rows: np.ndarray) -> bytes:
+    """What the two-copy writer produced: a fresh open_memmap of the accepted count, filled with the rows."""
+    final = np.lib.format.open_memmap(path, mode="w+", dtype=rows.dtype, shape=rows.shape)
+    final[:] = rows
+    final.flush()
+    del final
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("shape", [(10, 4, 3), (10,), (123456, 2)])
+def test_shrink_npy_cuts_rows_in_place_with_the_header_numpy_writes(tmp_path, shape):
+    from cxrsynth.data.ingest import shrink_npy
+
+    data = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    for n in (7, 0, shape[0]):
+        path = tmp_path / f"a{n}.npy"
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        arr[:] = data
+        arr.flush()
+        del arr
+        size_before = path.stat().st_size
+        shrink_npy(path, n)
+        got = np.load(path)
+        assert got.shape == (n, *shape[1:]) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, data[:n])
+        np.testing.assert_array_equal(np.load(path, mmap_mode="r"), data[:n])
+        assert path.read_bytes() == _old_way(tmp_path / f"old{n}.npy", data[:n])  # byte for byte
+        assert path.stat().st_size == size_before - (shape[0] - n) * data[0].nbytes
+    with pytest.raises(ValueError, match="cannot shrink"):
+        shrink_npy(tmp_path / "a7.npy", 8)
+    with pytest.raises(ValueError, match="cannot shrink"):
+        shrink_npy(tmp_path / "a7.npy", -1)
+
+
+def test_shrink_npy_pads_a_header_without_growth_room(tmp_path):
+    """A header written without numpy's spare digits (older numpy) keeps its length: spaces before the newline."""
+    from cxrsynth.data.ingest import shrink_npy
+
+    data = np.arange(12 * 5, dtype=np.uint8).reshape(12, 5)
+    body = b"{'descr': '|u1', 'fortran_order': False, 'shape': (12, 5), }"
+    pad = 64 - (10 + len(body) + 1) % 64
+    header = b"\x93NUMPY\x01\x00" + (len(body) + pad + 1).to_bytes(2, "little") + body + b" " * pad + b"\n"
+    path = tmp_path / "legacy.npy"
+    path.write_bytes(header + data.tobytes())
+    shrink_npy(path, 3)
+    assert path.read_bytes()[len(header) - 1:len(header)] == b"\n" and path.stat().st_size == len(header) + 15
+    np.testing.assert_array_equal(np.load(path), data[:3])
+
+
+def test_images_equal_the_two_copy_writer_byte_for_byte_and_no_temporary_is_left(ingested, tmp_path):
+    out, _, _, _ = ingested
+    assert not list(out.glob(".images_*"))
+    for split in ("train", "validate", "test"):
+        arr = np.load(out / f"images_{split}.npy")
+        assert (out / f"images_{split}.npy").read_bytes() == _old_way(tmp_path / f"{split}.npy", arr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the release fingerprint (what dvc.yaml's ingest stage depends on instead of the image trees)
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_SUFFIXES = (".py",)
+
+
+def _release_copy(base: Path, tmp: Path) -> tuple[Path, Path]:
+    root, jpg = tmp / "mimic-cxr", tmp / "mimic-cxr-jpg"
+    shutil.copytree(base / "mimic-cxr", root)
+    shutil.copytree(base / "mimic-cxr-jpg", jpg)
+    return root, jpg
+
+
+def test_fingerprint_changes_with_a_table_or_checksum_file_not_with_an_image(phantom, tmp_path):
+    from cxrsynth.data.ingest import release_fingerprint
+    from cxrsynth.data.layout import write_checksums
+
+    base, truth = phantom
+    root, jpg = _release_copy(base, tmp_path)
+    fp = release_fingerprint(root, jpg, "dicom")
+    assert set(fp) == {f"raw/{n}" for n in CSV_NAMES.values()} | {"raw/mimic-cxr-reports.zip", "raw/SHA256SUMS.txt"} | {
+        f"raw_jpg/{CSV_NAMES[k]}" for k in ("metadata", "split", "chexpert", "negbio")} | {"raw_jpg/SHA256SUMS.txt"}
+    assert release_fingerprint(root, jpg, "dicom") == fp  # nothing changed: nothing moves
+    # the accepted trade-off: an image edited under files/ is not seen while its checksum file stays as it was
+    dcm = root / next(t["path"] for t in truth if not t["defect"])
+    data = bytearray(dcm.read_bytes())
+    data[-1] ^= 0xFF
+    dcm.write_bytes(bytes(data))
+    assert release_fingerprint(root, jpg, "dicom") == fp
+    # ... and is seen once the checksum file is regenerated
+    write_checksums(root)
+    after = release_fingerprint(root, jpg, "dicom")
+    assert {k for k in fp if after[k] != fp[k]} == {"raw/SHA256SUMS.txt"}
+    # a release table changes exactly its own entry
+    _rewrite(jpg / CSV_NAMES["split"], lambda df: df.iloc[1:])
+    again = release_fingerprint(root, jpg, "dicom")
+    assert {k for k in fp if again[k] != after[k]} == {f"raw_jpg/{CSV_NAMES['split']}"}
+    # the JPG source does not read the DICOM root's copies of the tables
+    assert set(release_fingerprint(root, jpg, "jpg")) == set(fp) - {
+        f"raw/{CSV_NAMES[k]}" for k in ("metadata", "split", "chexpert", "negbio")}
+
+
+def test_ingest_records_the_release_in_its_outputs_and_metrics(phantom, ingested):
+    from cxrsynth.data.ingest import release_fingerprint
+    from cxrsynth.shards import digest
+
+    base, _ = phantom
+    out, metrics, _, _ = ingested
+    rec = json.loads((out / "release.json").read_text())
+    assert rec["source"] == "dicom"
+    assert rec["files"] == release_fingerprint(base / "mimic-cxr", base / "mimic-cxr-jpg", "dicom")
+    assert rec["sha256"] == digest(rec["files"]) and metrics["release_sha256"] == rec["sha256"][:16]
+
+
+def test_dvc_yaml_ingest_depends_on_the_fingerprint_files_not_the_image_trees(phantom):
+    import yaml
+
+    from cxrsynth.data.ingest import release_fingerprint
+
+    base, _ = phantom
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["ingest"]
+    data = [d for d in stage["deps"] if not d.endswith(CODE_SUFFIXES)]
+    assert all((ROOT / d).is_file() for d in stage["deps"] if d.endswith(CODE_SUFFIXES))
+    assert "${paths.raw}" not in data and "${paths.raw_jpg}" not in data
+    rel = {}
+    for d in data:
+        key, _, name = d.partition("}/")
+        assert key in ("${paths.raw", "${paths.raw_jpg") and name and "/" not in name, d  # a top-level file, no folder
+        rel[f"{key[len('${paths.'):]}/{name}"] = d
+    # every dep is a fingerprint file that the phantom has (DVC refuses to run with a missing dep)...
+    phantom_fp = release_fingerprint(base / "mimic-cxr", base / "mimic-cxr-jpg", "dicom")
+    assert set(rel) <= set(phantom_fp)
+    # ... and that a real release has: MIMIC-CXR ships no metadata/split/label tables, only MIMIC-CXR-JPG does
+    assert set(rel) == {"raw/cxr-record-list.csv.gz", "raw/cxr-study-list.csv.gz", "raw/mimic-cxr-reports.zip",
+                        "raw/SHA256SUMS.txt", "raw_jpg/SHA256SUMS.txt"} | {
+        f"raw_jpg/{CSV_NAMES[k]}" for k in ("metadata", "split", "chexpert", "negbio")}
+
+
+def test_checksums_command_writes_the_physionet_file(phantom, tmp_path, capsys):
+    from cxrsynth.__main__ import main
+    from cxrsynth.data.layout import CHECKSUMS, read_checksums
+
+    base, _ = phantom
+    root = _copy_root(base, tmp_path)
+    official = (root / CHECKSUMS).read_text()
+    assert main(["checksums", str(root)]) == 2 and "--force" in capsys.readouterr().err  # never silently replaced
+    assert main(["checksums", str(root), "--tables-only", "--force"]) == 0
+    listed = read_checksums(root / CHECKSUMS)
+    assert set(listed) == set(CSV_NAMES.values()) | {"mimic-cxr-reports.zip"}
+    assert main(["checksums", str(root), "--force", "--workers", "2"]) == 0
+    assert (root / CHECKSUMS).read_text() == official  # the full listing is the phantom's own, byte for byte
+
+
+def test_merge_refuses_shards_that_read_different_releases(phantom, tmp_path):
+    from cxrsynth.data.ingest import ingest_shard, merge_ingest
+    from cxrsynth.data.layout import write_checksums
+    from cxrsynth.shards import ShardError
+
+    base, _ = phantom
+    root = _copy_root(base, tmp_path)
+    write_checksums(root, tables_only=True)  # same tables and images, another checksum file: another release
+    ingest_shard(ING, base / "mimic-cxr", base / "mimic-cxr-jpg", tmp_path / "s0", workers=0, index=0, count=2)
+    ingest_shard(ING, root, base / "mimic-cxr-jpg", tmp_path / "s1", workers=0, index=1, count=2)
+    with pytest.raises(ShardError, match="read different releases"):
+        merge_ingest(ING, [tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")

@@ -9,12 +9,11 @@ in the process's resident memory (RssFile) until the kernel reclaims it, which m
 - `NpyRows(path)`: the rows of an `.npy` file read with `os.pread` on demand. `rows[i]`, `rows[i:j]` and
   `rows[index_array]` return fresh numpy arrays; nothing else stays in memory. Each DDP rank reads only the rows its
   sampler asks for.
-- `Resized(source, size)`: a view that resizes each requested batch (the project's one antialiased resize) to float32
-  in [0, 1]: what `evaluate` used to precompute for whole splits.
 - `Concat(a, b, ...)`: rows of several sources one after the other (real + synthetic training sets).
 - `stream_sha256(source)`: SHA-256 of the rows' bytes, read chunk by chunk; equal to
   `hashlib.sha256(np.ascontiguousarray(a).tobytes())`.
-- `mean_std(source, size)`: mean and standard deviation of all pixels after the resize, accumulated per batch.
+(`cxrsynth.eval.features` adds `Resized`, a view that resizes each requested batch, and `mean_std`, pixel statistics
+accumulated per batch.)
 
 Every source used by training code supports `len()`, `.shape`, integer, slice and integer-array indexing; numpy arrays
 do too, so tests can pass in-memory arrays and get the same batches.
@@ -136,35 +135,6 @@ class NpyRows:
         return f"NpyRows({self.path.as_posix()!r}, shape={self.shape}, dtype={self.dtype})"
 
 
-class Resized:
-    """Rows of `source` (uint8 or float [0, 1] images, N x H x W) resized per request to float32 N x size x size in
-    [0, 1] with the project's resize (`cxrsynth.eval.features.resize`, antialiased, clamped)."""
-
-    def __init__(self, source, size: int) -> None:
-        self.source, self.size = source, int(size)
-        self.shape = (len(source), self.size, self.size)
-        self.dtype = np.dtype(np.float32)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def ndim(self) -> int:
-        return 3
-
-    def __getitem__(self, key) -> np.ndarray:
-        from cxrsynth.eval.features import resize, to_image_tensor
-
-        single = isinstance(key, (int, np.integer))
-        rows = self.source[[int(key)]] if single else self.source[key]
-        out = resize(to_image_tensor(rows), self.size)[:, 0].clamp(0.0, 1.0).numpy().astype(np.float32, copy=False)
-        return out[0] if single else out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        a = self[0:len(self)] if len(self) else np.zeros(self.shape, np.float32)
-        return a if dtype is None else a.astype(dtype)
-
-
 class Concat:
     """The rows of several sources (one dtype and row shape) one after the other."""
 
@@ -244,31 +214,8 @@ def stream_digest(source) -> bytes:
     return bytes.fromhex(stream_sha256(source))
 
 
-def mean_std(source, size: int, batch: int = 256) -> tuple[float, float]:
-    """Mean and (unbiased) standard deviation of every pixel of `source` after resizing to `size` ([0, 1] scale),
-    accumulated per batch in float64 (Chan et al.'s pairwise update), never holding the resized set."""
-    from cxrsynth.eval.features import resize, to_image_tensor
-
-    n, mean, m2 = 0, 0.0, 0.0
-    for i in range(0, len(source), batch):
-        x = resize(to_image_tensor(source[i:i + batch]), size).double()
-        k = x.numel()
-        if not k:
-            continue
-        bm = float(x.mean())
-        bm2 = float(((x - bm) ** 2).sum())
-        delta = bm - mean
-        tot = n + k
-        mean += delta * k / tot
-        m2 += bm2 + delta * delta * n * k / tot
-        n = tot
-    if n < 2:
-        return mean, 0.0
-    return mean, float(np.sqrt(m2 / (n - 1)))
-
-
 def take(source, idx: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Rows `idx` of any source (numpy array, memmap, `NpyRows`, `Resized`, `Concat`) as a numpy array."""
+    """Rows `idx` of any source (numpy array, memmap, `NpyRows`, `Concat`, `Resized`) as a numpy array."""
     return np.asarray(source[np.asarray(idx, dtype=np.int64)])
 
 

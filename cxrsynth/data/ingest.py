@@ -4,7 +4,13 @@ Reads: the record/study lists (DICOM layout) or the metadata table (JPG layout),
 (or negbio) tables, the reports (beside each study folder, or inside mimic-cxr-reports.zip) and the images.
 Writes: `manifest.parquet` (one row per accepted image, row i of its split's array), `images_<split>.npy` (uint8,
 N x S x S, memory-mappable), `rejected.parquet` (every listed image that was not used, with the reason), a sample
-grid PNG, and returns the metrics. Nothing from a DICOM header but pixels is kept, so no identifier can leak.
+grid PNG, `release.json` (the release fingerprint: sha256 of the tables, reports zip and SHA256SUMS.txt that were
+read; `release_fingerprint`), and returns the metrics. Nothing from a DICOM header but pixels is kept, so no
+identifier can leak.
+
+The release fingerprint stands in for the image trees: dvc.yaml's ingest stage depends on those few small files, not
+on the ~377k DICOMs (hashing them costs hours). An image edited in place is therefore not noticed unless the root's
+SHA256SUMS.txt changes with it (`cxrsynth.data.layout.write_checksums` regenerates one).
 
 Sharded (`ingest_shard`, `merge_ingest`; see `cxrsynth.shards`): every shard runs `collect` (tables, reports,
 redaction: cheap and global) and decodes its range of the candidate table; the merge rebuilds the outputs of an
@@ -12,6 +18,8 @@ unsharded run byte for byte (metrics timings aside).
 """
 from __future__ import annotations
 
+import io
+import os
 import time
 import zipfile
 from collections import Counter
@@ -27,7 +35,10 @@ from tqdm import tqdm
 
 from cxrsynth.config import IngestParams
 from cxrsynth.data import dicom
-from cxrsynth.data.layout import CSV_NAMES, HEADERS, REPORTS_ZIP, SPLITS, image_path, report_path
+from cxrsynth.data.arrays import NpyRows, iter_chunks
+from cxrsynth.data.layout import (CHECKSUMS, CSV_NAMES, HEADERS, REPORTS_ZIP, SPLITS, file_sha256, image_path,
+                                  report_path)
+from cxrsynth.io import write_json
 from cxrsynth.shards import ShardError, check_shards, digest, shard_range, write_shard
 from cxrsynth.text.chexpert import OBSERVATIONS
 from cxrsynth.text.deid import redact
@@ -38,8 +49,76 @@ SECTION_COLUMNS = ("impression", "findings", "last_paragraph", "comparison", "in
 IDS = ("subject_id", "study_id", "dicom_id")
 
 
+RELEASE_FILE = "release.json"
+# The files that fingerprint an immutable release, per root (key: the params.yaml path they live under). Each table
+# counts gzipped or plain, as read_table reads it; SHA256SUMS.txt stands for everything else, the image trees included.
+RELEASE_TABLES = {"raw": ("records", "studies", "metadata", "split", "chexpert", "negbio"),
+                  "raw_jpg": ("metadata", "split", "chexpert", "negbio")}
+RELEASE_EXTRAS = {"raw": (REPORTS_ZIP, CHECKSUMS), "raw_jpg": (CHECKSUMS,)}
+
+
 class IngestError(RuntimeError):
     """The input as a whole is unusable (a required file or column is missing); one line naming it."""
+
+
+def release_files(root: str | Path, jpg_root: str | Path, source: str) -> dict[str, Path]:
+    """The fingerprint files that exist, as {'raw/<name>' | 'raw_jpg/<name>': path}. With source jpg the DICOM root's
+    copies of the metadata, split and label tables are left out (ingest then reads those from the JPG root only)."""
+    roots = {"raw": Path(root), "raw_jpg": Path(jpg_root)}
+    found: dict[str, Path] = {}
+    for key, base in roots.items():
+        tables = [t for t in RELEASE_TABLES[key]
+                  if not (source == "jpg" and key == "raw" and t not in ("records", "studies"))]
+        names = [n for t in tables for n in (CSV_NAMES[t], CSV_NAMES[t].removesuffix(".gz"))]
+        for name in names + list(RELEASE_EXTRAS[key]):
+            if (base / name).is_file():
+                found[f"{key}/{name}"] = base / name
+    return found
+
+
+def release_fingerprint(root: str | Path, jpg_root: str | Path, source: str) -> dict[str, str]:
+    """{relative name: sha256} of the release's fingerprint files that exist (`release_files`), sorted by name. It
+    changes when a table, the reports zip or a SHA256SUMS.txt changes; an image under files/ changes it only through
+    its root's SHA256SUMS.txt (the accepted trade-off for not hashing terabytes)."""
+    return {k: file_sha256(p) for k, p in sorted(release_files(root, jpg_root, source).items())}
+
+
+def release_record(root: str | Path, jpg_root: str | Path, source: str) -> dict:
+    """What release.json holds: the source, the fingerprint and its combined sha256 (`digest` of the fingerprint)."""
+    files = release_fingerprint(root, jpg_root, source)
+    return {"source": source, "files": files, "sha256": digest(files)}
+
+
+def shrink_npy(path: str | Path, n: int) -> None:
+    """Cut a C-order .npy file to its first n rows in place: rewrite the header with the new length along axis 0,
+    keeping its byte length (numpy leaves room for 21 digits there, and anything shorter is padded with spaces before
+    the closing newline, which the format allows), then truncate the data. The result is byte-identical to what
+    `np.lib.format.open_memmap(path, 'w+', shape=(n, ...))` filled with those rows writes. n > rows raises."""
+    fmt = np.lib.format
+    with open(path, "r+b") as f:
+        version = fmt.read_magic(f)
+        read, write = {(1, 0): (fmt.read_array_header_1_0, fmt.write_array_header_1_0),
+                       (2, 0): (fmt.read_array_header_2_0, fmt.write_array_header_2_0)}.get(version, (None, None))
+        if read is None:
+            raise ValueError(f"{path}: .npy format version {version} not supported")
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+        if not shape or (fortran and len(shape) > 1) or dtype.hasobject:
+            raise ValueError(f"{path}: only C-order arrays of at least one dimension, without objects, can shrink")
+        if not 0 <= n <= shape[0]:
+            raise ValueError(f"{path}: cannot shrink {shape[0]} rows to {n}")
+        buf = io.BytesIO()
+        write(buf, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, *shape[1:])})
+        header = buf.getvalue()
+        if len(header) > offset:
+            raise ValueError(f"{path}: the header for {n} rows would not fit in place")  # cannot happen: n <= rows
+        if len(header) < offset:  # a numpy without growth room: pad before the newline, fix the length field
+            size = 2 if version == (1, 0) else 4
+            body = header[8 + size:-1] + b" " * (offset - len(header)) + b"\n"
+            header = header[:8] + len(body).to_bytes(size, "little") + body
+        f.seek(0)
+        f.write(header)
+        f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
 def read_table(root: Path | list[Path], name: str) -> pd.DataFrame:
@@ -254,40 +333,50 @@ def _decode_all(jobs: list, workers: int) -> Iterator[tuple[np.ndarray | None, s
 def _decode_range(df: pd.DataFrame, start: int, stop: int, src_root: Path, params: IngestParams, out: Path,
                   workers: int) -> tuple[np.ndarray, list[str], list[str]]:
     """Decode rows [start, stop) of the candidate table; writes the accepted images, in table order, to
-    out/images_<split>.npy and returns per row: accepted, rejection reason, detail."""
+    out/images_<split>.npy and returns per row: accepted, rejection reason, detail. Each array is written once: sized
+    for all candidates of its split, filled with the accepted images in order, then cut to them (`shrink_npy`)."""
     part = df.iloc[start:stop]
     ok = np.zeros(len(part), bool)
     reasons, details = [""] * len(part), [""] * len(part)
     size = params.image_size
     for split_name in SPLITS:
         idx = np.flatnonzero(part.split.to_numpy() == split_name)
-        tmp = out / f".images_{split_name}.tmp.npy"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(idx), size, size))
+        path = out / f"images_{split_name}.npy"
+        _fresh(path)
+        # the header and a sparse body; rows are then written with pwrite, not through a mapping (a mapped write
+        # keeps every written page in this process's resident memory: 16 kB per image at 128 px)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(idx), size, size)).flush()
+        offset = NpyRows(path).offset
         jobs = [(str(src_root / part.path.iat[i]), params.source, params.voi, size, params.resize) for i in idx]
         n = 0
         results = _decode_all(jobs, workers)
-        for i, (img, reason, detail) in zip(idx, tqdm(results, total=len(jobs), desc=f"ingest {split_name}",
-                                                     unit="img")):
-            if img is None:
-                reasons[i], details[i] = reason, detail
-                continue
-            arr[n] = img
-            ok[i] = True
-            n += 1
-        arr.flush()
-        final = np.lib.format.open_memmap(out / f"images_{split_name}.npy", mode="w+", dtype=np.uint8,
-                                          shape=(n, size, size))
-        final[:] = arr[:n]
-        final.flush()
-        del arr, final
-        tmp.unlink()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for i, (img, reason, detail) in zip(idx, tqdm(results, total=len(jobs), desc=f"ingest {split_name}",
+                                                         unit="img")):
+                if img is None:
+                    reasons[i], details[i] = reason, detail
+                    continue
+                os.pwrite(fd, np.ascontiguousarray(img, dtype=np.uint8).tobytes(), offset + n * size * size)
+                ok[i] = True
+                n += 1
+        finally:
+            os.close(fd)
+        shrink_npy(path, n)
     return ok, reasons, details
 
 
+def _fresh(path: Path) -> None:
+    """Remove an earlier output before writing it anew, so that writing never goes through a link into the DVC
+    cache (hardlink/symlink cache types) and a shorter new file never keeps an old tail."""
+    if path.is_symlink() or path.exists():
+        os.unlink(path)
+
+
 def _finish(params: IngestParams, cand: Candidates, ok: np.ndarray, reasons: Sequence[str], details: Sequence[str],
-            out: Path) -> dict:
-    """Manifest, rejected records, checks and grid from the decode outcome of every candidate (images already in
-    out/images_<split>.npy); returns the metrics without timings."""
+            out: Path, release: dict) -> dict:
+    """Manifest, rejected records, checks, grid and release.json from the decode outcome of every candidate (images
+    already in out/images_<split>.npy); returns the metrics without timings."""
     df = cand.table
     rejected_rows = list(cand.rejected)
     rows = np.full(len(df), -1, np.int64)
@@ -310,7 +399,10 @@ def _finish(params: IngestParams, cand: Candidates, ok: np.ndarray, reasons: Seq
     if len(manifest) + len(rejected) != cand.read:
         raise AssertionError(f"read {cand.read} != accepted {len(manifest)} + rejected {len(rejected)}")
     _grid(manifest, out, params.grid_images)
+    _fresh(out / RELEASE_FILE)
+    write_json(out / RELEASE_FILE, release)
     return {
+        "release_sha256": release["sha256"][:16],
         "read": cand.read, "accepted": int(len(manifest)), "rejected": int(len(rejected)),
         "rejected_by_reason": dict(sorted(Counter(rejected.reason).items())),
         "accepted_by_split": {s: int((manifest.split == s).sum()) for s in SPLITS},
@@ -329,12 +421,13 @@ def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: st
     root, jpg_root, out = Path(root), Path(jpg_root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    release = release_record(root, jpg_root, params.source)
     cand = collect(params, root, jpg_root)
     src_root = root if params.source == "dicom" else jpg_root
     t_decode = time.perf_counter()
     ok, reasons, details = _decode_range(cand.table, 0, len(cand.table), src_root, params, out, workers)
     decode_s = time.perf_counter() - t_decode
-    metrics = _finish(params, cand, ok, reasons, details, out)
+    metrics = _finish(params, cand, ok, reasons, details, out, release)
     return metrics | {"images_per_second": _rate(len(cand.table), decode_s),
                       "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -351,10 +444,11 @@ def ingest_shard(params: IngestParams, root: str | Path, jpg_root: str | Path, o
                  index: int, count: int) -> dict:
     """Shard index/count: `collect` as usual, decode only the shard's rows of the candidate table. Writes to `out`:
     images_<split>.npy (its accepted images), work.parquet (its rows with their outcome), shard 0 also
-    collect_rejected.parquet (records rejected by `collect`), and shard.json (returned)."""
+    collect_rejected.parquet (records rejected by `collect`), and shard.json (returned; with the release record)."""
     root, jpg_root, out = Path(root), Path(jpg_root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    release = release_record(root, jpg_root, params.source)
     cand = collect(params, root, jpg_root)
     n = len(cand.table)
     start, stop = shard_range(n, index, count)
@@ -368,7 +462,7 @@ def ingest_shard(params: IngestParams, root: str | Path, jpg_root: str | Path, o
         _reject_frame(cand.rejected).to_parquet(out / "collect_rejected.parquet", index=False)
     return write_shard(out, "ingest", index, count, n, params_sha256=digest(params), work_sha256=_work_sha256(cand),
                        read=cand.read, redactions=cand.redactions, reports_redacted=cand.reports_redacted,
-                       decode_seconds=round(decode_s, 3), seconds=round(time.perf_counter() - t0, 3))
+                       release=release, decode_seconds=round(decode_s, 3), seconds=round(time.perf_counter() - t0, 3))
 
 
 def merge_ingest(params: IngestParams, folders: Sequence[str | Path], out: str | Path) -> dict:
@@ -381,7 +475,7 @@ def merge_ingest(params: IngestParams, folders: Sequence[str | Path], out: str |
     try:
         parts = [pd.read_parquet(s.path / "work.parquet") for s in shards]
         collected = pd.read_parquet(shards[0].path / "collect_rejected.parquet").to_dict(orient="records")
-        arrays = {sp: [np.load(s.path / f"images_{sp}.npy", mmap_mode="r") for s in shards] for sp in SPLITS}
+        arrays = {sp: [NpyRows(s.path / f"images_{sp}.npy") for s in shards] for sp in SPLITS}
     except FileNotFoundError as e:
         raise ShardError(f"shard folder incomplete: {e.filename} missing") from None
     for s, part in zip(shards, parts):
@@ -391,6 +485,13 @@ def merge_ingest(params: IngestParams, folders: Sequence[str | Path], out: str |
     ok = table.pop("_accepted").to_numpy(bool)
     reasons, details = table.pop("_reason").tolist(), table.pop("_detail").tolist()
     first = shards[0].extra
+    for s in shards:
+        if "release" not in s.extra:
+            raise ShardError(f"{s.name}: no release fingerprint in its shard.json (written by an older ingest)")
+        if s.extra["release"] != first["release"]:
+            theirs, ours = s.extra["release"].get("sha256", ""), first["release"].get("sha256", "")
+            raise ShardError(f"{s.name} and {shards[0].name} read different releases (release fingerprints "
+                             f"{theirs[:12]} != {ours[:12]})")
     cand = Candidates(table, collected, first["read"], first["redactions"], first["reports_redacted"])
     out.mkdir(parents=True, exist_ok=True)
     size = params.image_size
@@ -400,16 +501,17 @@ def merge_ingest(params: IngestParams, folders: Sequence[str | Path], out: str |
             if a.shape != (want, size, size):
                 raise ShardError(f"{s.name}: images_{split_name}.npy has shape {a.shape}, expected "
                                  f"{(want, size, size)}")
-        final = np.lib.format.open_memmap(out / f"images_{split_name}.npy", mode="w+", dtype=np.uint8,
-                                          shape=(sum(len(a) for a in arrays[split_name]), size, size))
-        at = 0
-        for a in arrays[split_name]:
-            final[at:at + len(a)] = a
-            at += len(a)
-        final.flush()
-        del final
+        _fresh(out / f"images_{split_name}.npy")
+        path = out / f"images_{split_name}.npy"
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
+                                  shape=(sum(len(a) for a in arrays[split_name]), size, size)).flush()
+        with open(path, "r+b") as f:  # the shards' rows appended chunk by chunk (no mapping, no full copy)
+            f.seek(NpyRows(path).offset)
+            for a in arrays[split_name]:
+                for _, chunk in iter_chunks(a):
+                    f.write(np.ascontiguousarray(chunk).tobytes())
     del arrays
-    metrics = _finish(params, cand, ok, reasons, details, out)
+    metrics = _finish(params, cand, ok, reasons, details, out, first["release"])
     decode_s = sum(s.extra["decode_seconds"] for s in shards)
     return metrics | {"images_per_second": _rate(len(table), decode_s),
                       "seconds": round(sum(s.extra["seconds"] for s in shards) + time.perf_counter() - t0, 2)}

@@ -82,6 +82,57 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# whole splits, a batch at a time (row sources: numpy arrays, cxrsynth.data.arrays.NpyRows / Concat)
+
+class Resized:
+    """Rows of `source` (uint8 or float [0, 1] images, N x H x W) resized per request to float32 N x size x size in
+    [0, 1] with the project's resize (`cxrsynth.eval.features.resize`, antialiased, clamped)."""
+
+    def __init__(self, source, size: int) -> None:
+        self.source, self.size = source, int(size)
+        self.shape = (len(source), self.size, self.size)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        single = isinstance(key, (int, np.integer))
+        rows = self.source[[int(key)]] if single else self.source[key]
+        out = resize(to_image_tensor(rows), self.size)[:, 0].clamp(0.0, 1.0).numpy().astype(np.float32, copy=False)
+        return out[0] if single else out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self[0:len(self)] if len(self) else np.zeros(self.shape, np.float32)
+        return a if dtype is None else a.astype(dtype)
+
+
+def mean_std(source, size: int, batch: int = 256) -> tuple[float, float]:
+    """Mean and (unbiased) standard deviation of every pixel of `source` after resizing to `size` ([0, 1] scale),
+    accumulated per batch in float64 (Chan et al.'s pairwise update), never holding the resized set."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for i in range(0, len(source), batch):
+        x = resize(to_image_tensor(source[i:i + batch]), size).double()
+        k = x.numel()
+        if not k:
+            continue
+        bm = float(x.mean())
+        bm2 = float(((x - bm) ** 2).sum())
+        delta = bm - mean
+        tot = n + k
+        mean += delta * k / tot
+        m2 += bm2 + delta * delta * n * k / tot
+        n = tot
+    if n < 2:
+        return mean, 0.0
+    return mean, float(np.sqrt(m2 / (n - 1)))
+
+
 class FeatureExtractor(nn.Module):
     """Base class: `forward(images) -> (N, num_features)`; `name` identifies the feature space.
 

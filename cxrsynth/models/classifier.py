@@ -33,8 +33,8 @@ from torch import nn
 
 from cxrsynth.config import ClassifierParams
 from cxrsynth.models import folder
-from cxrsynth.data.arrays import iter_chunks, mean_std, take
-from cxrsynth.eval.features import ModelFeatures, resize, to_image_tensor
+from cxrsynth.data.arrays import iter_chunks, take
+from cxrsynth.eval.features import ModelFeatures, mean_std, resize, to_image_tensor
 from cxrsynth.eval.metrics import LabelAUROC, macro_auroc, per_label_auroc, roc_curve
 from cxrsynth.text.chexpert import OBSERVATIONS
 from cxrsynth.train import EpochSampler, TrainConfig, TrainResult, dist_info, seed_everything, train

@@ -2,8 +2,9 @@
 
 Reads: FixtureParams + seed. Writes under `root` (MIMIC-CXR layout: files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.dcm,
 the report sNNNNNNNN.txt beside each study folder, cxr-record-list.csv.gz, cxr-study-list.csv.gz,
-mimic-cxr-reports.zip and the mimic-cxr-2.0.0-{metadata,split,chexpert,negbio}.csv.gz tables), optionally a
-MIMIC-CXR-JPG tree under `jpg_root` (official recipe), and under `extras` the ground-truth sidecar
+mimic-cxr-reports.zip, the mimic-cxr-2.0.0-{metadata,split,chexpert,negbio}.csv.gz tables and PhysioNet's
+SHA256SUMS.txt over all of them), optionally a MIMIC-CXR-JPG tree under `jpg_root` (official recipe; its own
+SHA256SUMS.txt), and under `extras` the ground-truth sidecar
 (ground_truth.jsonl, one record per image) and contact_sheet.png. Returns the counts for metrics/fixture.json.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from cxrsynth.config import FixtureParams
 from cxrsynth.data import dicom
 from cxrsynth.data.layout import (CSV_NAMES, JPG_LIST, LABEL_HEADER, METADATA_HEADER, RECORD_HEADER, REPORTS_ZIP,
-                                  SPLIT_HEADER, STUDY_HEADER, image_path, report_path, study_dir)
+                                  SPLIT_HEADER, STUDY_HEADER, image_path, report_path, study_dir, write_checksums)
 from cxrsynth.data.phantom.contact_sheet import contact_sheet
 from cxrsynth.data.phantom.render import render_image
 from cxrsynth.data.phantom.reports import write_report
@@ -133,6 +134,8 @@ def generate(params: FixtureParams, seed: int, root: str | Path, jpg_root: str |
     reports = {k: v for r in results for k, v in r.reports.items()}
     impressions = {k: v for r in results for k, v in r.impressions.items()}
     _write_tables(patients, root, jpg, reports, params)
+    for base in [root] + ([jpg] if jpg is not None else []):  # last: it lists every file written under the root
+        write_checksums(base)
     statements = {k: v for r in results for k, v in r.statements.items()}
     write_jsonl(extras / "ground_truth.jsonl", ground_truth_records(patients, statements))
     sheet = contact_sheet(root, patients, impressions, params.contact_sheet_images)
