@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxrsynth.eval.features import Features, IdentityFeatures, TorchScriptFeatures, extract, to_image_tensor
+from cxrsynth.eval.features import Features, IdentityFeatures, TorchScriptFeatures, extract, resize, to_image_tensor
 from cxrsynth.eval.metrics import (ExtractorMismatch, auroc, closest_pairs_grid, compare, fid, fidelity,
                                    frechet_distance, gaussian_stats, kid, macro_auroc, memorization, per_label_auroc,
                                    pixel_vectors, prdc, roc_curve, same_extractor)
@@ -208,3 +208,65 @@ def test_identity_features_feed_torchmetrics_directly():
     metric.update(torch.from_numpy(a), real=True)
     metric.update(torch.from_numpy(b), real=False)
     assert float(metric.compute()) == pytest.approx(fid(feats(a), feats(b))["fid"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunked nearest neighbours and PRDC equal the full-matrix computation
+
+def _prdc_full(real, fake, k):
+    """The full-matrix PRDC (the algorithm before chunking), as the oracle."""
+    from cxrsynth.eval.metrics import pairwise_distances
+
+    def radius(x):
+        return np.partition(pairwise_distances(x, x), k, axis=1)[:, k]
+
+    r_real, r_fake = radius(real), radius(fake)
+    d = pairwise_distances(real, fake)
+    inside = d < r_real[:, None]
+    return {"precision": float(inside.any(axis=0).mean()), "recall": float((d < r_fake[None, :]).any(axis=1).mean()),
+            "density": float(inside.sum(axis=0).mean() / k), "coverage": float((d.min(axis=1) < r_real).mean())}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_chunked_nearest_and_prdc_equal_the_full_matrix(chunk):
+    from cxrsynth.eval.metrics import _kth_neighbour_radius, nearest, pairwise_distances, prdc
+
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(203, 6)), rng.normal(0.3, 1.1, size=(151, 6))
+    fake[5] = real[17]                                  # an exact hit
+    ref = np.concatenate([real, real[:10]])             # duplicated rows: ties go to the lower index
+    full = pairwise_distances(fake, ref)
+    idx, dist = nearest(fake, ref, chunk=chunk)
+    # a one-row chunk is a matrix-vector product: its last bit may differ from the matrix product's
+    assert np.array_equal(idx, full.argmin(axis=1)) and np.allclose(dist, full.min(axis=1), rtol=1e-12, atol=1e-12)
+    if chunk is None:  # small sets fit one chunk: bit for bit the full matrix
+        assert np.array_equal(dist, full.min(axis=1))
+    assert idx[5] == 17 and dist[5] == 0.0 and (idx < len(real)).all()
+    assert np.allclose(_kth_neighbour_radius(real, 5, chunk),
+                       np.partition(pairwise_distances(real, real), 5, axis=1)[:, 5], rtol=1e-12, atol=1e-12)
+    got = prdc(Features(real, "x"), Features(fake, "x"), k=5, chunk=chunk)
+    assert {k: got[k] for k in ("precision", "recall", "density", "coverage")} == _prdc_full(real, fake, 5)
+
+
+def test_chunks_stay_within_their_budget(monkeypatch):
+    import cxrsynth.eval.metrics as M
+
+    seen = []
+    block = M._distance_block
+    monkeypatch.setattr(M, "_distance_block", lambda x, b, bb: seen.append(len(x) * len(b)) or block(x, b, bb))
+    monkeypatch.setattr(M, "CHUNK_BYTES", 8 * 40 * 50)  # 40 rows against 50 points
+    rng = np.random.default_rng(0)
+    M.nearest(rng.normal(size=(333, 4)), rng.normal(size=(50, 4)))
+    assert max(seen) == 40 * 50 and sum(seen) == 333 * 50
+
+
+def test_pixel_vectors_are_float32_and_batch_independent():
+    from cxrsynth.eval.metrics import pixel_vectors
+
+    imgs = np.random.default_rng(1).integers(0, 256, (7, 40, 40), dtype=np.uint8)
+    a = pixel_vectors(imgs, 16)
+    assert a.dtype == np.float32 and a.shape == (7, 256)
+    for batch in (1, 3):
+        assert np.array_equal(pixel_vectors(imgs, 16, batch=batch), a)
+    ref = resize(to_image_tensor(imgs), 16).reshape(7, -1).double().numpy() / 16  # the float64 values, rounded once
+    assert np.array_equal(a, ref.astype(np.float32))

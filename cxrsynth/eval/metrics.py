@@ -17,6 +17,13 @@ classes are skipped), `macro_auroc`.
 
 Privacy: `memorization` finds each synthetic image's nearest training image in feature space and in pixel space and
 flags near copies (see its docstring for the threshold), `closest_pairs_grid` shows the closest pairs.
+
+PRDC and the near-copy rule are written here because no kept library (torchmetrics, scipy) provides them. Every
+nearest-neighbour computation (`nearest`, the k-th neighbour radii, PRDC) runs over row chunks of at most
+`CHUNK_BYTES` of float64 distances against the other set and keeps only per-row reductions, so memory is
+O(n_query + n_reference) vectors plus one chunk (64 MB), never the n_query x n_reference matrix; each chunk's
+distances are computed with the whole matrix's formula: indices and PRDC equal the full-matrix ones, distances to the
+last bit while a set fits one chunk (within 1e-12 relative otherwise: a smaller product may round differently).
 """
 from __future__ import annotations
 
@@ -137,25 +144,48 @@ def kid(real: Features, fake: Features, *, subsets: int = 100, subset_size: int 
             "n_real": len(real), "n_fake": len(fake)}
 
 
-def pairwise_distances(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Euclidean distances, len(a) x len(b), float64 (computed in row chunks)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+CHUNK_BYTES = 64 << 20  # float64 distances per chunk of rows
+
+
+def chunk_rows(n_other: int, chunk: int | None = None) -> int:
+    """Rows of one distance chunk against `n_other` points: `chunk` if given, else what fits CHUNK_BYTES."""
+    return int(chunk) if chunk else max(1, CHUNK_BYTES // (8 * max(1, n_other)))
+
+
+def _distance_block(x: np.ndarray, b: np.ndarray, bb: np.ndarray) -> np.ndarray:
+    """Euclidean distances of the rows x to all of b (bb: the squared norms of b), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    d2 = (x * x).sum(axis=1)[:, None] + bb[None, :] - 2.0 * x @ b.T
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def _blocks(a: np.ndarray, b: np.ndarray, chunk: int | None):
+    """(start, distances of a[start:start + rows] to all of b) over row chunks of a."""
+    b = np.asarray(b, dtype=np.float64)
     bb = (b * b).sum(axis=1)
-    out = np.empty((a.shape[0], b.shape[0]))
-    for i in range(0, a.shape[0], chunk):
-        x = a[i:i + chunk]
-        d2 = (x * x).sum(axis=1)[:, None] + bb[None, :] - 2.0 * x @ b.T
-        out[i:i + chunk] = np.sqrt(np.maximum(d2, 0.0))
+    step = chunk_rows(len(b), chunk)
+    for i in range(0, len(a), step):
+        yield i, _distance_block(a[i:i + step], b, bb)
+
+
+def pairwise_distances(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Euclidean distances, len(a) x len(b), float64 (computed in row chunks): the whole matrix, for small sets and
+    tests; the functions below never build it."""
+    out = np.empty((len(a), len(b)))
+    for i, d in _blocks(a, b, chunk):
+        out[i:i + len(d)] = d
     return out
 
 
-def _kth_neighbour_radius(x: np.ndarray, k: int) -> np.ndarray:
+def _kth_neighbour_radius(x: np.ndarray, k: int, chunk: int | None = None) -> np.ndarray:
     """Distance of each point to its k-th nearest neighbour within the same set (itself excluded)."""
-    d = pairwise_distances(x, x)
-    return np.partition(d, k, axis=1)[:, k]  # column 0 of a sorted row is the point itself
+    out = np.empty(len(x))
+    for i, d in _blocks(x, x, chunk):
+        out[i:i + len(d)] = np.partition(d, k, axis=1)[:, k]  # column 0 of a sorted row is the point itself
+    return out
 
 
-def prdc(real: Features, fake: Features, k: int = 5) -> dict:
+def prdc(real: Features, fake: Features, k: int = 5, chunk: int | None = None) -> dict:
     """Precision, recall, density, coverage with k nearest neighbours (Naeem et al. 2020).
 
     With r_i the distance of real point i to its k-th nearest real neighbour and B(x, r) the open ball:
@@ -167,15 +197,24 @@ def prdc(real: Features, fake: Features, k: int = 5) -> dict:
     if k < 1 or len(real) <= k or len(fake) <= k:
         raise ValueError(f"PRDC with k={k} needs more than k real and k synthetic samples "
                          f"(got {len(real)} and {len(fake)})")
-    r_real = _kth_neighbour_radius(real.values, k)
-    r_fake = _kth_neighbour_radius(fake.values, k)
-    d = pairwise_distances(real.values, fake.values)  # n_real x n_fake
-    inside_real = d < r_real[:, None]
+    r_real = _kth_neighbour_radius(real.values, k, chunk)
+    r_fake = _kth_neighbour_radius(fake.values, k, chunk)
+    in_some_real = np.zeros(len(fake), bool)       # per fake point: inside some real ball (precision)
+    real_balls = np.zeros(len(fake), np.int64)      # per fake point: how many real balls hold it (density)
+    recalled = np.zeros(len(real), bool)            # per real point: inside some fake ball (recall)
+    covered = np.zeros(len(real), bool)             # per real point: its ball holds a fake point (coverage)
+    for i, d in _blocks(real.values, fake.values, chunk):  # chunk of real rows x all fake points
+        rows = slice(i, i + len(d))
+        inside = d < r_real[rows, None]
+        in_some_real |= inside.any(axis=0)
+        real_balls += inside.sum(axis=0)
+        recalled[rows] = (d < r_fake[None, :]).any(axis=1)
+        covered[rows] = d.min(axis=1) < r_real[rows]
     return {
-        "precision": float(inside_real.any(axis=0).mean()),
-        "recall": float((d < r_fake[None, :]).any(axis=1).mean()),
-        "density": float(inside_real.sum(axis=0).mean() / k),
-        "coverage": float((d.min(axis=1) < r_real).mean()),
+        "precision": float(in_some_real.mean()),
+        "recall": float(recalled.mean()),
+        "density": float(real_balls.mean() / k),
+        "coverage": float(covered.mean()),
         "k": k, "extractor": name, "n_real": len(real), "n_fake": len(fake),
     }
 
@@ -287,18 +326,26 @@ def macro_auroc(results: Mapping[str, LabelAUROC], min_positives: int = 1,
 # ----------------------------------------------------------------------------------------------------------------
 # privacy: memorization
 
-def pixel_vectors(images: np.ndarray, size: int = 32) -> np.ndarray:
-    """Images (uint8 or float [0,1], N x H x W) -> N x size^2 vectors in [0, 1], scaled by 1/size so that Euclidean
-    distances between them are root-mean-square pixel differences."""
-    x = resize(to_image_tensor(images), size)
-    return x.reshape(len(x), -1).double().numpy() / size
+def pixel_vectors(images: np.ndarray, size: int = 32, batch: int = 1024) -> np.ndarray:
+    """Images (uint8 or float [0,1], N x H x W; any row source) -> float32 N x size^2 vectors, scaled by 1/size so
+    that Euclidean distances between them are root-mean-square pixel differences; resized a batch at a time
+    (4 bytes per pixel of the vectors: 4 kB per image at size 32)."""
+    out = np.empty((len(images), size * size), np.float32)
+    for i in range(0, len(images), batch):
+        x = resize(to_image_tensor(np.asarray(images[i:i + batch])), size)
+        out[i:i + len(x)] = (x.reshape(len(x), -1).double() / size).float().numpy()
+    return out
 
 
-def nearest(query: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index and Euclidean distance of each query vector's nearest reference vector."""
-    d = pairwise_distances(query, reference)
-    idx = d.argmin(axis=1)
-    return idx, d[np.arange(len(idx)), idx]
+def nearest(query: np.ndarray, reference: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index and Euclidean distance of each query vector's nearest reference vector (ties: the lowest index), over
+    row chunks of the query (memory: one chunk of distances)."""
+    idx = np.zeros(len(query), np.int64)
+    dist = np.zeros(len(query))
+    for i, d in _blocks(query, reference, chunk):
+        j = d.argmin(axis=1)
+        idx[i:i + len(d)], dist[i:i + len(d)] = j, d[np.arange(len(j)), j]
+    return idx, dist
 
 
 @dataclass(frozen=True)
