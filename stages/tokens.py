@@ -84,7 +84,7 @@ def main() -> None:
         tokens[split] = encode_split(model, images, p.batch_size)
         seconds += time.perf_counter() - t0
         n_images += len(images)
-        sources[split] = stream_sha256(images)  # = array_sha256 of the whole array, read chunk by chunk
+        sources[split] = stream_sha256(images)  # the SHA-256 of the array's bytes, read chunk by chunk
     sha = weights_sha256(vqgan_dir)
     meta = write_tokens(paths.tokens, tokens, codebook_size=model.config.codebook_size,
                         image_size=model.config.image_size, vqgan_sha256=sha, vqgan_path=vqgan_dir.as_posix(),

@@ -14,7 +14,6 @@ Reads/writes only the folder it is given.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,16 +36,6 @@ class TokenStoreError(ValueError):
 
 def tokens_file(directory: str | Path, split: str) -> Path:
     return Path(directory) / f"tokens_{split}.npy"
-
-
-def array_sha256(a: np.ndarray) -> str:
-    """SHA-256 of an array's bytes (C order), e.g. of a split's source images."""
-    h = hashlib.sha256()
-    a = np.asarray(a)
-    step = max(1, (1 << 24) // max(1, a[0].nbytes)) if len(a) else 1
-    for i in range(0, len(a), step):
-        h.update(np.ascontiguousarray(a[i:i + step]).tobytes())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -501,9 +501,16 @@ class AlignModel(nn.Module):
         g = self._grids(grids)
         p = torch.cat([self.embed_patches(g[i:i + batch_size]) for i in range(0, len(g), batch_size)])
         pm = self.patch_mask(g)
-        rows = [filip_similarity(t[i:i + 16], m[i:i + 16], p, pm).double().cpu() for i in range(0, len(t), 16)]
+        # the word x patch table of 16 texts against `cols` grids at a time stays within ~256 MB (a block of 16 texts
+        # against all of a 2k-image validate split would be 4 GB); small sets are one block
+        cols = max(1, (256 << 20) // (16 * t.shape[1] * p.shape[1] * 4))
+        out = torch.empty(len(t), len(g), dtype=torch.float64)
+        for i in range(0, len(t), 16):
+            for j in range(0, len(g), cols):
+                out[i:i + 16, j:j + cols] = filip_similarity(t[i:i + 16], m[i:i + 16], p[j:j + cols],
+                                                             None if pm is None else pm[j:j + cols]).double().cpu()
         self.train(was)
-        return torch.cat(rows).numpy()
+        return out.numpy()
 
     @torch.no_grad()
     def token_maps(self, texts: Sequence[str], grids: np.ndarray | torch.Tensor,
