@@ -74,8 +74,9 @@ def merge(base: dict, over: dict) -> dict:
 
 def scratch(work: Path, patients: int) -> Path:
     """A fresh copy of the code with the bench's params and a dvc.yaml whose stages run under bench.measure."""
-    if work.exists():
-        shutil.rmtree(work)
+    for d in (work, work.parent / f"{work.name}-release"):
+        if d.exists():
+            shutil.rmtree(d)
     work.mkdir(parents=True)
     for f in tracked_files():
         (work / f).parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,13 @@ def scratch(work: Path, patients: int) -> Path:
     params = merge(params, BUDGET)
     params["fixture"]["sizes"] = {**params["fixture"]["sizes"], "scale": patients}
     params["fixture"]["size"] = "scale"
+    # the release lives outside the workspace, as a user's download does: DVC walks every folder of its workspace
+    # on each `status` to find pipeline files (measured: 16k phantom folders inside it made a no-op status 2.7x
+    # slower at 5k images); only the files ingest lists as deps are read
+    release = work.parent / f"{work.name}-release"
+    for key, sub in (("raw", "mimic-cxr"), ("raw_jpg", "mimic-cxr-jpg"), ("phantom_raw", "mimic-cxr"),
+                     ("phantom_raw_jpg", "mimic-cxr-jpg"), ("phantom", "phantom")):
+        params["paths"][key] = str(release / sub)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     del dvc["stages"]["fixture"]  # the release is input data here, not a DVC output
@@ -108,33 +116,40 @@ def du(path: Path) -> int:
     return int(run(["du", "-sb", str(path)], path.parent).stdout.split()[0])
 
 
-def one_size(name: str, patients: int, workdir: Path) -> dict:
-    work = scratch(workdir / name, patients)
+def one_size(name: str, patients: int, workdir: Path, reuse: bool = False) -> dict:
+    """Run one size in a fresh scratch copy; `reuse`: read the stage records of a kept scratch instead (after
+    `dvc commit`, so the status below sees what its stages wrote)."""
+    work = workdir / name if reuse else scratch(workdir / name, patients)
     log = work / "measure.jsonl"
     env = {**os.environ, "CXRSYNTH_MEASURE_LOG": str(log), "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     t0 = time.perf_counter()
-    run([sys.executable, "-m", "bench.measure", "fixture", "stages.fixture"], work, env)
-    print(f"[{name}] phantom written ({time.perf_counter() - t0:.0f} s)", flush=True)
-    res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, text=True,
-                         stdout=open(work / "repro.log", "w"), stderr=subprocess.STDOUT)
-    if res.returncode:
-        raise SystemExit(f"[{name}] dvc repro failed: see {work / 'repro.log'}")
-    print(f"[{name}] pipeline done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if reuse:
+        if not log.is_file():
+            raise SystemExit(f"--reuse {name}: {log} missing")
+        run([sys.executable, "-m", "dvc", "commit", "-f", "-q"], work, env)
+    else:
+        run([sys.executable, "-m", "bench.measure", "fixture", "stages.fixture"], work, env)
+        print(f"[{name}] phantom written ({time.perf_counter() - t0:.0f} s)", flush=True)
+        res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, text=True,
+                             stdout=open(work / "repro.log", "w"), stderr=subprocess.STDOUT)
+        if res.returncode:
+            raise SystemExit(f"[{name}] dvc repro failed: see {work / 'repro.log'}")
+        print(f"[{name}] pipeline done ({time.perf_counter() - t0:.0f} s)", flush=True)
     status = []
     for _ in range(2):
         t = time.perf_counter()
         out = run([sys.executable, "-m", "dvc", "status"], work, env).stdout
         status.append(time.perf_counter() - t)
-    records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    records = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]  # a stage run twice: the last
     ingest = json.loads((work / "metrics" / "ingest.json").read_text())
-    disk = {"raw": du(work / "data" / "raw"), "interim": du(work / "data" / "interim"),
+    disk = {"raw": du(work.parent / f"{work.name}-release"), "interim": du(work / "data" / "interim"),
             "tokens": du(work / "data" / "tokens"), "synthetic": du(work / "data" / "synthetic"),
             "models": du(work / "models"), "dvc_cache": du(work / ".dvc" / "cache")}
     return {"name": name, "patients": patients, "images": int(ingest["accepted"]), "read": int(ingest["read"]),
             "stages": {r["label"]: r for r in records}, "status_seconds": status[-1],
             "status_first_seconds": status[0], "status_output": out.strip()[:200], "disk": disk,
-            "work": str(work)}
+            "split_counts": ingest.get("accepted_by_split", {}), "work": str(work), "reused": reuse}
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -197,6 +212,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "scale.md"))
     ap.add_argument("--json", default=str(ROOT / "bench" / "scale.json"), help="raw results")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copies")
+    ap.add_argument("--reuse", default="", help="comma-separated size names whose kept scratch (--workdir/NAME, "
+                    "its measure.jsonl) is read instead of run again")
     args = ap.parse_args()
     sizes = []
     for part in args.sizes.split(","):
@@ -206,13 +223,17 @@ def main() -> None:
         sizes.append((name, int(n)))
     if len(sizes) < 2:
         ap.error("--sizes: at least two sizes are needed for a slope")
+    reuse = {x for x in args.reuse.split(",") if x}
+    if reuse - {n for n, _ in sizes}:
+        ap.error(f"--reuse: {sorted(reuse - {n for n, _ in sizes})} not among --sizes")
     results = []
     for name, patients in sizes:
-        r = one_size(name, patients, Path(args.workdir))
+        r = one_size(name, patients, Path(args.workdir), reuse=name in reuse)
         results.append(r)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        if not args.keep:
+        if not args.keep and name not in reuse:
             shutil.rmtree(r["work"], ignore_errors=True)
+            shutil.rmtree(f"{r['work']}-release", ignore_errors=True)
     text = report(results)
     Path(args.out).write_text(text)
     print(text)
