@@ -7,6 +7,7 @@ adds one by defining such a function here or importing its registration (see `CO
     python -m cxrsynth lineage data/synthetic/images/syn-s000000-0.png [--verify] [--json]
     python -m cxrsynth checksums /data/physionet.org/files/mimic-cxr-jpg/2.0.0 [--tables-only]
     python -m cxrsynth export-png data/synthetic --out DIR   (PNGs of a tar / no-PNG layout)
+    python -m cxrsynth compare main exp-a exp-b [--out compare.md]   (headline numbers with paired intervals)
 
 uses the trained models under `models/` (generator with its key-patch bank, VQ-GAN) and writes DIR/images/*.png,
 DIR/images.npy, DIR/manifest.parquet and DIR/contact_sheet.png, like the synthesize stage.
@@ -188,6 +189,34 @@ def _checksums(args: argparse.Namespace) -> int:
         raise ValueError(f"{root / CHECKSUMS} exists (the release's own?); --force replaces it")
     path = write_checksums(root, tables_only=args.tables_only, workers=max(1, args.workers))
     print(f"wrote {path} ({len(read_checksums(path))} files)")
+    return 0
+
+
+@command("compare", "headline numbers of runs (git revisions, branches, dvc exp names, 'workspace') with bootstrap "
+                    "95% intervals and paired differences to the first run")
+def _compare_parser(ap: argparse.ArgumentParser) -> Runner:
+    ap.add_argument("runs", nargs="+", help="two or more runs; 'workspace' = the files on disk")
+    ap.add_argument("--items", default=None, help="per-item table path in the repo (default: paths.evaluation/"
+                                                  "items.parquet from params.yaml)")
+    ap.add_argument("--repo", default=None, help="the DVC repository (default: the current one)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    return _compare
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from cxrsynth.compare import default_items_path, run_compare
+
+    if len(args.runs) < 2:
+        raise ValueError("compare needs at least two runs")
+    if args.n_boot < 0:
+        raise ValueError(f"--n-boot must be >= 0, got {args.n_boot}")
+    text = run_compare(args.runs, path=args.items or default_items_path(), repo=args.repo, n_boot=args.n_boot,
+                       seed=args.seed)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
     return 0
 
 

@@ -57,6 +57,7 @@ class PathsParams:
     tokens: str = _opt("data/tokens", doc="VQ-GAN token grids per split + sidecar")
     metrics: str = _opt("metrics", doc="metrics JSON folder")
     synthetic: str = _opt("data/synthetic", doc="synthetic images, their manifest and contact sheet")
+    evaluation: str = _opt("data/evaluation", doc="the evaluation's per-item table (items.parquet)")
 
 
 @dataclass(frozen=True)

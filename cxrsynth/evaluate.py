@@ -46,6 +46,7 @@ from cxrsynth.data.arrays import Concat, iter_chunks, split_images
 from cxrsynth.eval.features import (FeatureExtractor, Features, Resized, TorchScriptFeatures, extract, resize,
                                     to_image_tensor)
 from cxrsynth.eval.geometry import find_lungs, measure_ctr
+from cxrsynth.eval.items import frame, write_items
 from cxrsynth.eval.metrics import (Memorization, closest_pairs_grid, fidelity, macro_auroc, nearest, per_label_auroc,
                                    pixel_vectors, same_extractor)
 from cxrsynth.keypatches import terms_from_json
@@ -293,12 +294,12 @@ def rare_labels(train_labels: np.ndarray, test_targets: np.ndarray, labels: Sequ
 
 def utility_block(params: ClassifierParams, train: LabeledImages, synthetic: LabeledImages, validate: LabeledImages,
                   test: LabeledImages, *, rare: int, min_count: int, seed: int, device: str = "cpu",
-                  progress: bool = True, arms: Sequence[str] = UTILITY_ARMS) -> dict:
+                  progress: bool = True, arms: Sequence[str] = UTILITY_ARMS, probs_out: dict | None = None) -> dict:
     """Train one classifier per arm (same params, seed and epochs), select on real validate, test on real test.
 
     All images must already be at one side (`to_size`, or lazily: `Resized`); they are read per batch. Keys: `utility/<arm>/macro_auroc`, `.../auroc/<label>`,
     `.../rare_macro_auroc` (over the `rare` rarest labels), `utility/rare_labels`, and the gains of
-    real + synthetic over real only."""
+    real + synthetic over real only. `probs_out`: filled with each arm's probabilities on `test`."""
     sets = {"real": train, "synthetic": synthetic,
             "real_plus_synthetic": LabeledImages(Concat(train.images, synthetic.images),
                                                  np.concatenate([train.labels, synthetic.labels]))}
@@ -309,6 +310,8 @@ def utility_block(params: ClassifierParams, train: LabeledImages, synthetic: Lab
     for arm in arms:
         model, _ = fit(params, sets[arm], validate, seed=seed, device=device, progress=progress)
         probs = model.cpu().predict(test.images)
+        if probs_out is not None:  # the per-item table keeps each arm's probabilities on real test
+            probs_out[arm] = probs
         block, per = auroc_block(f"utility/{arm}", truth, probs, OBSERVATIONS, min_count=min_count, n_boot=0,
                                  seed=seed)
         out.update({k: v for k, v in block.items() if "/positives/" not in k})
@@ -532,6 +535,43 @@ def label_examples_grid(synthetic: SyntheticSet, probs: np.ndarray, real: RealSp
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the per-item table
+
+def item_frames(synthetic: SyntheticSet, test: RealSplit, feats: dict[str, Features], floor_idx: np.ndarray,
+                probs: np.ndarray, test_probs: np.ndarray, s_idx: np.ndarray, r_idx: np.ndarray, mem: Memorization,
+                geo: dict, utility_probs: dict) -> list[pd.DataFrame]:
+    """The rows of `cxrsynth.eval.items` for one evaluation (synthetic, real test, floor and ceiling images)."""
+    man, n = synthetic.manifest, len(synthetic.images)
+    paired = np.zeros(n, bool)
+    paired[s_idx] = True
+    source_labels = np.full((n, len(OBSERVATIONS)), np.nan)
+    source_labels[s_idx] = test.labels[r_idx]
+    cols: dict = {"prompt_id": man["prompt_id"].astype(str).to_numpy(), "kind": man["kind"].astype(str).to_numpy(),
+                  "view": man["view"].astype(str).to_numpy(),
+                  "source_dicom_id": [d if isinstance(d, str) else None for d in man["source_dicom_id"]],
+                  "paired": paired, "label/": synthetic.labels, "source_label/": source_labels, "prob/": probs,
+                  "nn_feature_distance": mem.dist_feature, "nn_feature_index": mem.nn_feature,
+                  "nn_pixel_distance": mem.dist_pixel, "near_copy_feature": mem.near_copy_feature,
+                  "near_copy_pixel": mem.near_copy_pixel, "near_copy": mem.near_copy}
+    real_cols: dict = {"view": [None] * len(test.rows), "label/": test.labels, "prob/": test_probs}
+    if geo:
+        ctr, sides, asym = geo["synthetic"]
+        cols.update({"ctr": ctr, "effusion_side": list(sides), "effusion_asymmetry": asym})
+        r_ctr, r_sides, r_asym, r_cardio = geo["real_test"]
+        real_cols.update({"ctr": r_ctr, "effusion_side": list(r_sides), "effusion_asymmetry": r_asym,
+                          "cardiomegaly": r_cardio})
+    for arm, p in utility_probs.items():
+        real_cols[f"utility/{arm}/prob/"] = p
+    ids = test.rows.dicom_id.astype(str).to_numpy()
+    return [frame("synthetic", man["prompt_id"].astype(str), man["synthetic_id"].astype(str),
+                  feats["synthetic"].values, **cols),
+            frame("real_test", [f"test:{d}" for d in ids], ids, feats["test"].values, **real_cols),
+            frame("floor", [f"floor:{i}" for i in floor_idx], [str(i) for i in floor_idx],
+                  feats["train"].values[floor_idx]),
+            frame("ceiling", [f"ceiling:{i}" for i in floor_idx], [str(i) for i in floor_idx], feats["recon"].values)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the whole evaluation
 
 @dataclass(frozen=True)
@@ -595,8 +635,10 @@ def load_align(path: str | Path):
 def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synthetic_dir: str | Path,
                  interim: str | Path, tokens_dir: str | Path, models: str | Path, phantom: str | Path,
                  pictures: Pictures, seed: int = 0, device: str = "cpu", progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
-    """Run every block on the pipeline's files and draw the pictures; returns the flat metrics dict."""
+                 log: Callable[[str], None] = print, items_path: str | Path | None = None) -> dict:
+    """Run every block on the pipeline's files and draw the pictures; returns the flat metrics dict. With
+    `items_path`, the per-item table (`cxrsynth.eval.items`) is written there: every headline number and its
+    interval is computed from it (`cxrsynth.eval.headlines.with_intervals`)."""
     from cxrsynth.data.tokens import load_tokens
     from cxrsynth.models.vqgan import VQGAN
 
@@ -648,6 +690,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
     metrics["paired/n"] = len(s_idx)
     real_targets = eval_targets(real["test"].labels[r_idx], blank)
     real_probs = classifier.predict(real_small["test"][r_idx]) if len(r_idx) else np.zeros((0, len(OBSERVATIONS)))
+    test_probs = classifier.predict(real_small["test"]) if items_path is not None else None
     pb, _ = auroc_block("paired", real_targets, probs[s_idx], OBSERVATIONS, min_count=k_min, n_boot=0, seed=seed)
     metrics.update({k: v for k, v in pb.items() if "/positives/" not in k})
     rb, _ = auroc_block("paired/real", real_targets, real_probs, OBSERVATIONS, min_count=k_min, n_boot=0, seed=seed)
@@ -683,6 +726,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
 
     # -- phantom geometry -----------------------------------------------------------------------------------------
     truth_path = Path(phantom) / "ground_truth.jsonl"
+    geo: dict = {}
     gkeys = ("ctr_mean_asked", "ctr_mean_not_asked", "ctr_enlarged_rate_asked", "ctr_enlarged_rate_not_asked",
              "n_asked", "n_not_asked", "ctr_auroc", "ctr_unmeasurable_rate", "effusion_side_accuracy", "effusion_n")
     if not e.phantom_checks or not truth_path.is_file():
@@ -702,6 +746,8 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
             s = {x["side"] for x in r["findings"] if x["kind"] == "effusion"}
             r_sides.append(next(iter(s)) if len(s) == 1 and s <= {"left", "right"} else None)
         r_ctr, r_asym = measure_geometry(real_small["test"], r_sides, progress)
+        geo = {"synthetic": (ctr, sides, asym), "real_test": (r_ctr, r_sides, r_asym,
+                                                              np.array(["cardiomegaly" in k for k in r_kinds]))}
         metrics.update(geometry_block("phantom/real", r_ctr, np.array(["cardiomegaly" in k for k in r_kinds]),
                                       r_sides, r_asym))
         true_ctr = np.array([np.nan if recs[j]["ctr"] is None else float(recs[j]["ctr"]) for j in r_idx])
@@ -711,6 +757,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
     log(f"evaluate: privacy and phantom geometry done ({time.perf_counter() - t_start:.0f} s)")
 
     # -- utility --------------------------------------------------------------------------------------------------
+    utility_probs: dict = {}
     if e.utility:
         up = utility_params(classifier_params, e)
         us = up.input_size
@@ -720,12 +767,21 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
                                      LabeledImages(syn, synthetic.labels),
                                      LabeledImages(sized["validate"], real["validate"].labels),
                                      LabeledImages(sized["test"], real["test"].labels), rare=e.rare_labels,
-                                     min_count=k_min, seed=seed, device=device, progress=progress))
+                                     min_count=k_min, seed=seed, device=device, progress=progress,
+                                     probs_out=utility_probs))
     else:
         skipped["utility"] = "evaluate.utility is false"
     log(f"evaluate: utility done ({time.perf_counter() - t_start:.0f} s)")
 
     metrics.update({f"skipped/{k}": v for k, v in sorted(skipped.items())})
+    if items_path is not None:
+        parts = item_frames(synthetic, real["test"], feats["classifier"], floor_idx, probs, test_probs, s_idx, r_idx,
+                            mem, geo, utility_probs)
+        write_items(items_path, parts, {"blank_policy": blank, "min_count": k_min, "prdc_k": e.prdc_k,
+                                        "threshold_feature": mem.threshold_feature,
+                                        "threshold_pixel": mem.threshold_pixel, "extractor": mem.extractor,
+                                        "seed": seed})
+        log(f"evaluate: per-item table written ({time.perf_counter() - t_start:.0f} s)")
     lineage = synthetic.manifest
     for col in ("generator_sha256", "vqgan_sha256", "align_sha256"):
         if col in lineage.columns and lineage[col].nunique() == 1:
