@@ -67,11 +67,15 @@ class Row:
     pairing: list[str]                # "paired" | "paired on k of n" | "unpaired"
 
 
-def compare_runs(runs: Sequence[Items], *, n_boot: int = 1000, seed: int = 0) -> list[Row]:
+def compare_runs(runs: Sequence[Items], *, n_boot: int = 1000, seed: int = 0,
+                 names: Sequence[str] | None = None) -> list[Row]:
+    """Every headline (or those in `names`) per run, and each later run's difference to the first."""
     if len(runs) < 2:
         raise CompareError("compare needs at least two runs")
     rows = []
     for h in HEADLINES:
+        if names is not None and h.name not in names:
+            continue
         values = [bootstrap(h.make(r), units_of(r, h.role), n_boot=n_boot, seed=seed) for r in runs]
         diffs, pairing = [], []
         base = runs[0]

@@ -466,3 +466,35 @@ def test_ablation_table_lines_up_arms_and_reference():
     assert "(b)" not in md and "| KID (mean over subsets) (lower better) | 0.0123 | 0.0123 |" in md
     assert "semantic macro AUROC" in md and "| - | 0.710 |" in md
     assert "Rare labels (fewest real training positives): Fracture." in md and "alignment model missing" in md
+
+
+def test_every_headline_is_recomputed_from_the_per_item_table(tiny_pipeline, tmp_path):
+    from cxrsynth.eval import headlines
+    from cxrsynth.eval.items import read_items
+
+    t = tiny_pipeline
+    phantom = tmp_path / "phantom"
+    phantom.mkdir()
+    with open(phantom / "ground_truth.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"dicom_id": f"test-{i}", "ctr": 0.5, "view": "PA",
+                                "findings": [{"kind": "effusion", "side": "right"}] if i % 2 else []}) + "\n")
+    items_path = tmp_path / "evaluation" / "items.parquet"
+    m = evaluate_all(t["ep"], t["cp"], synthetic_dir=t["synth"], interim=t["interim"], tokens_dir=t["tokens"],
+                     models=t["models"], phantom=phantom, pictures=Pictures.under(tmp_path / "metrics"), seed=0,
+                     progress=False, log=lambda s: None, items_path=items_path)
+    items = read_items(items_path)
+    assert (items.df.role == "synthetic").sum() == 14 and (items.df.role == "real_test").sum() == 12
+    res = headlines.intervals(items, n_boot=20, seed=0)
+    checked = 0
+    for h in headlines.HEADLINES:
+        if h.key not in m or m[h.key] is None:
+            continue
+        tol = 1e-3 if "fid" in h.name else 1e-4  # FID: torchmetrics (float64 sqrtm) vs the closed form
+        assert res[h.name].value == pytest.approx(m[h.key], rel=tol, abs=1e-4), h.name
+        checked += 1
+    assert checked >= 10
+    out, summary = headlines.with_intervals(m, items, n_boot=20, seed=0)
+    assert out["semantic/macro_auroc/n"] == len(set(items.role("synthetic").unit))
+    assert summary["fid"]["value"] == pytest.approx(m["fidelity/classifier/fid"], rel=1e-3)
+    json.dumps(out, allow_nan=False)

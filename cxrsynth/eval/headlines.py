@@ -246,16 +246,17 @@ def interval_keys(results: dict[str, Interval]) -> dict:
 
 
 def summary(results: dict[str, Interval], extra: dict | None = None) -> dict:
-    """metrics/summary.json: per summary name, `value` and `ci` ("[lo, hi] n=N", one column in `dvc exp show`)
-    plus the numeric `lo`, `hi` and `n`."""
+    """metrics/summary.json: per summary name, `ci` ("value [lo, hi] n=N": the one column `dvc exp show` needs,
+    see the README) plus the numeric `value`, `lo`, `hi` and `n` (for `dvc metrics diff` and plots)."""
     out: dict = {}
     for name in SUMMARY:
         r = results.get(name)
         if r is None:
             continue
-        d = r.as_dict(4)
-        ci = f"[{d['lo']:.4g}, {d['hi']:.4g}] n={d['n']}" if d["lo"] is not None else f"n={d['n']}"
-        out[name] = {"value": d["value"], "ci": ci, "lo": d["lo"], "hi": d["hi"], "n": d["n"]}
+        d = r.as_dict(6)
+        value = "n/a" if d["value"] is None else f"{d['value']:.3g}"
+        ci = f"{value} [{d['lo']:.3g}, {d['hi']:.3g}] n={d['n']}" if d["lo"] is not None else f"{value} n={d['n']}"
+        out[name] = {"ci": ci, "value": d["value"], "lo": d["lo"], "hi": d["hi"], "n": d["n"]}
     out.update(extra or {})
     return out
 
