@@ -222,6 +222,42 @@ def test_experiments_rerun_only_what_changed_and_compare(runs):
     assert "metrics/synthesize.json" in metrics or "metrics/evaluate.json" in metrics
 
 
+def _readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` line (the one a user copies), as arguments."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x.strip() for x in readme.splitlines() if x.strip().startswith("dvc exp show --only-changed"))
+    return shlex.split(line.split("#")[0])[1:]
+
+
+def test_compare_reads_two_experiments_without_rerunning(runs):
+    repo, tmp = runs[1]["repo"], runs[1]["repo"].parent
+    if "cooler" not in dvc(repo, "exp", "list", block_network=True, tmp=tmp).stdout:
+        dvc(repo, "exp", "run", "-n", "cooler", "-S", "synthesize.temperature=0.5", block_network=True, tmp=tmp)
+    dvc(repo, "exp", "run", "-n", "warmer", "-S", "synthesize.temperature=1.0", block_network=True, tmp=tmp)
+    before = dvc(repo, "status", block_network=True, tmp=tmp).stdout
+    res = run(repo, sys.executable, "-m", "cxrsynth", "compare", "cooler", "warmer", "--n-boot", "50", "--out",
+              str(tmp / "compare.md"), block_network=True, tmp=tmp)
+    table = (tmp / "compare.md").read_text()
+    assert table == res.stdout and "Running stage" not in res.stdout + res.stderr
+    head = table.splitlines()[0]
+    assert "cooler" in head and "warmer - cooler" in head
+    sem = next(x for x in table.splitlines() if x.startswith("| semantic_auroc |"))
+    assert "(paired)" in sem  # the same prompts in both runs
+    assert dvc(repo, "status", block_network=True, tmp=tmp).stdout == before  # nothing re-ran or changed
+    bad = run(repo, sys.executable, "-m", "cxrsynth", "compare", "cooler", "no-such-exp", block_network=True,
+              tmp=tmp, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no-such-exp" in bad.stderr
+    # the README's view of experiments: the summary's intervals and the changed params, <= 20 columns
+    show = dvc(repo, *_readme_exp_show(), "--md", block_network=True, tmp=tmp).stdout
+    header = next(x for x in show.splitlines() if x.startswith("|"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert len(cols) <= 20, cols
+    assert "synthesize.temperature" in cols and "semantic_auroc.ci" in cols and "fid.ci" in cols, cols
+    assert "warmer" in show and "cooler" in show
+
+
 def test_queued_experiments_run_in_the_background(runs):
     repo, tmp = runs[1]["repo"], runs[1]["repo"].parent
     dvc(repo, "exp", "run", "--queue", "-n", "topk", "-S", "synthesize.top_k=5", block_network=True, tmp=tmp)

@@ -98,6 +98,26 @@ def test_auroc_hand_computed():
     assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_vectorized_auroc_equals_torchmetrics_and_pins_todays_values(ties):
+    from cxrsynth.eval.metrics import _auroc_rows
+
+    rng = np.random.default_rng(5)
+    y = rng.random((6, 40)) < 0.4
+    s = rng.random((6, 40)) + 0.3 * y
+    if ties:
+        s = np.round(s * 4) / 4
+    rows = _auroc_rows(y, s)
+    for b in range(6):
+        assert rows[b] == pytest.approx(auroc(y[b], s[b]), abs=1e-6)  # torchmetrics computes in float32
+        fpr, tpr, _ = roc_curve(y[b], s[b])
+        assert np.trapezoid(tpr, fpr) == pytest.approx(rows[b], abs=1e-6)
+    # the values the hand-written AUROC gave before torchmetrics took over (seeded data above)
+    pinned = {False: [0.6598, 0.7787, 0.7555, 0.7315, 0.6292, 0.6516],
+              True: [0.633, 0.748, 0.7404, 0.6829, 0.6483, 0.6316]}
+    assert np.round(rows, 4).tolist() == pytest.approx(pinned[ties], abs=6e-5)
+
+
 def test_per_label_auroc_skips_one_class_labels_and_is_seeded():
     nan = np.nan
     targets = np.array([[0, 1, 1], [0, 1, nan], [1, 1, 0], [1, 1, 1], [nan, 1, 0], [0, 1, 1]], dtype=float)

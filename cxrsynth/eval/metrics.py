@@ -12,7 +12,7 @@ Fidelity (all on `Features`, i.e. vectors that carry their extractor's name; mix
   Generative Models") with k nearest neighbours in Euclidean feature space; balls are open (strict `<`), as in the
   authors' reference implementation.
 
-Semantics: `auroc`, `roc_curve`, `per_label_auroc` (bootstrap confidence intervals, seeded; labels without both
+Semantics: `auroc`, `roc_curve` (torchmetrics), `per_label_auroc` (bootstrap confidence intervals, seeded; labels without both
 classes are skipped), `macro_auroc`.
 
 Privacy: `memorization` finds each synthetic image's nearest training image in feature space and in pixel space and
@@ -232,7 +232,11 @@ def fidelity(real: Features, fake: Features, *, k: int = 5, kid_subsets: int = 1
 # semantics: AUROC
 
 def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """AUROC (Mann-Whitney U / (P N), ties count half) for each row of boolean labels y and scores s (B x n)."""
+    """AUROC (Mann-Whitney U / (P N), ties count half) for each row of boolean labels y and scores s (B x n).
+
+    Hand-written because the bootstraps evaluate hundreds of resamples at once (one `rankdata` over a B x n array);
+    torchmetrics' AUROC takes one sample per call. `tests/test_metrics.py` pins it equal to `auroc` below
+    (torchmetrics) on tied and untied scores."""
     ranks = rankdata(s, axis=1)
     pos = y.sum(axis=1)
     neg = y.shape[1] - pos
@@ -241,30 +245,36 @@ def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.where((pos > 0) & (neg > 0), u / (pos * neg), np.nan)
 
 
-def auroc(y_true: Sequence, y_score: Sequence) -> float:
-    """Area under the ROC curve of binary labels (1/0 or bool) and scores; ValueError without both classes."""
+def _binary(y_true: Sequence, y_score: Sequence, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(y_score, dtype=np.float64)
     if y.shape != s.shape or y.ndim != 1:
         raise ValueError(f"labels and scores must be 1-D of one length, got {y.shape} and {s.shape}")
     if y.all() or not y.any():
-        raise ValueError("AUROC needs at least one positive and one negative sample")
-    return float(_auroc_rows(y[None], s[None])[0])
+        raise ValueError(f"{what} needs at least one positive and one negative sample")
+    return torch.from_numpy(s), torch.from_numpy(y.astype(np.int64))
+
+
+def auroc(y_true: Sequence, y_score: Sequence) -> float:
+    """Area under the ROC curve of binary labels (1/0 or bool) and scores (torchmetrics' `binary_auroc`, which
+    computes in float32 whatever the input: the trapezoid over distinct thresholds, i.e. ties count half);
+    ValueError without both classes."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    s, y = _binary(y_true, y_score, "AUROC")
+    return float(binary_auroc(s, y, thresholds=None))
 
 
 def roc_curve(y_true: Sequence, y_score: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds), starting at (0, 0); one point per distinct score, highest threshold first."""
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(y_score, dtype=np.float64)
-    if y.all() or not y.any():
-        raise ValueError("a ROC curve needs at least one positive and one negative sample")
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each run of equal scores
-    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
-    fpr = np.r_[0.0, fps / fps[-1]]
-    tpr = np.r_[0.0, tps / tps[-1]]
-    return fpr, tpr, np.r_[np.inf, s[last]]
+    """(fpr, tpr, thresholds) from torchmetrics' `binary_roc`, starting at (0, 0) (threshold +inf there); one point
+    per distinct score, highest threshold first."""
+    from torchmetrics.functional.classification import binary_roc
+
+    s, y = _binary(y_true, y_score, "a ROC curve")
+    fpr, tpr, thr = binary_roc(s, y, thresholds=None)
+    thr = thr.double().numpy().copy()
+    thr[0] = np.inf
+    return fpr.double().numpy(), tpr.double().numpy(), thr
 
 
 @dataclass(frozen=True)
