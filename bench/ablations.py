@@ -1,6 +1,14 @@
-"""The ablation table: one column per arm of `bench/ablations.sh`, read from the arms' `evaluate.json` copies.
+"""The ablation tables of `bench/ablations.sh`: each arm run under several seeds (`base.seed` 0..k-1) as DVC
+experiments, read through `python -m cxrsynth compare`'s loader (each experiment's per-item table, nothing re-run).
 
-    python -m bench.ablations bench/ablations/a.json bench/ablations/b.json bench/ablations/c.json > bench/ablations.md
+    python -m bench.ablations --arm a=abl-a-s0,abl-a-s1 --arm b=... --arm c=... > bench/ablations.md
+    python -m bench.ablations --json bench/ablations/a.json bench/ablations/c.json   # one seed, evaluate.json copies
+
+Tables: (1) per arm, every headline's mean and standard deviation over the seeds (the retraining / resampling noise
+the bootstrap intervals do not see) with the per-seed bootstrap half-widths; (2) per seed, the compare table: arm (c)
+first, the other arms' paired differences to it (paired where the arms share prompts: (a) and (c) at one seed;
+(b) draws its prompts from the test reports, so its semantic rows are unpaired), `*` where the 95% interval excludes
+0; (3) the evaluate.json table of the last seed.
 
 Arms (issue 9): (a) no key patches (`generator.key_patches=0`), (b) original test reports instead of
 anatomy-pathology prompts (`synthesize.prompt_source=reports`), (c) both modules on (the defaults). The last
@@ -80,15 +88,78 @@ def table(metrics: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n"
 
 
+def seed_table(runs: dict, *, n_boot: int, seed: int = 0) -> str:
+    """Per arm: each headline's mean and SD over seeds (`runs[arm]` = one per-item table per seed)."""
+    import numpy as np
+
+    from cxrsynth.eval.headlines import HEADLINES, intervals
+
+    arms = [a for a in ARMS if a in runs]
+    res = {a: [intervals(it, n_boot=n_boot, seed=seed) for it in runs[a]] for a in arms}
+    lines = ["| metric | better | " + " | ".join(f"{ARMS[a]} (k={len(runs[a])})" for a in arms) + " |",
+             "|---|---|" + "---:|" * len(arms)]
+    for h in HEADLINES:
+        cells = []
+        for a in arms:
+            vals = [r[h.name].value for r in res[a] if r[h.name].value is not None]
+            halves = [(r[h.name].hi - r[h.name].lo) / 2 for r in res[a] if r[h.name].lo is not None]
+            if not vals:
+                cells.append("n/a")
+                continue
+            sd = f" ± {np.std(vals, ddof=1):.3g}" if len(vals) > 1 else ""
+            half = f" (CI ±{np.mean(halves):.2g})" if halves else ""
+            cells.append(f"{np.mean(vals):.4g}{sd}{half}")
+        lines.append(f"| {h.name} | {h.better} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± SD over the seeds (k runs per arm, `base.seed` 0..k-1: everything from the phantom's prompts "
+                  "to the generator retrained); CI: the mean bootstrap 95% half-width of one run."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> None:
-    if not argv:
-        raise SystemExit("usage: python -m bench.ablations ARM.json ... (file stems a, b, c name the arms)")
-    metrics = {}
-    for p in map(Path, argv):
-        if p.stem not in ARMS:
-            raise SystemExit(f"{p}: name the file after its arm (a.json, b.json or c.json)")
-        metrics[p.stem] = json.loads(p.read_text(encoding="utf-8"))
-    sys.stdout.write(table(metrics))
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.ablations", description=__doc__.splitlines()[0])
+    ap.add_argument("--arm", action="append", default=[], metavar="ARM=RUN[,RUN...]",
+                    help="an arm (a, b, c) and its runs, one per seed (dvc exp names, revisions or 'workspace')")
+    ap.add_argument("--json", nargs="*", default=None, metavar="ARM.json",
+                    help="one-seed mode: evaluate.json copies named after their arm")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--items", default=None, help="per-item table path (default: from params.yaml)")
+    args = ap.parse_args(argv)
+    if args.json is not None:
+        metrics = {}
+        for p in map(Path, args.json):
+            if p.stem not in ARMS:
+                raise SystemExit(f"{p}: name the file after its arm (a.json, b.json or c.json)")
+            metrics[p.stem] = json.loads(p.read_text(encoding="utf-8"))
+        sys.stdout.write(table(metrics))
+        return
+    from cxrsynth.compare import CompareError, compare_runs, default_items_path, load_run, markdown
+
+    runs: dict[str, list[str]] = {}
+    for spec in args.arm:
+        arm, _, revs = spec.partition("=")
+        if arm not in ARMS or not revs:
+            raise SystemExit(f"--arm: expected a=RUN[,RUN...] with arm a, b or c, got {spec!r}")
+        runs[arm] = [r for r in revs.split(",") if r]
+    if not runs:
+        raise SystemExit("--arm: at least one arm")
+    k = {len(v) for v in runs.values()}
+    if len(k) != 1:
+        raise SystemExit(f"--arm: every arm needs the same number of seeds, got {sorted(k)}")
+    path = args.items or default_items_path()
+    try:
+        items = {a: [load_run(r, path) for r in revs] for a, revs in runs.items()}
+    except CompareError as e:
+        raise SystemExit(f"error: {e}") from None
+    order = [a for a in ("c", "a", "b") if a in runs]
+    out = ["## Over seeds", "", seed_table(items, n_boot=args.n_boot)]
+    for s in range(k.pop()):
+        names = [f"{ARMS[a]} [{runs[a][s]}]" for a in order]
+        out += [f"## Seed {s}: differences to arm (c)", "",
+                markdown(names, compare_runs([items[a][s] for a in order], n_boot=args.n_boot, seed=s)) if
+                len(order) > 1 else seed_table({order[0]: [items[order[0]][s]]}, n_boot=args.n_boot)]
+    sys.stdout.write("\n".join(out))
 
 
 if __name__ == "__main__":

@@ -208,3 +208,16 @@ def test_missing_runs_and_tables_are_one_line_errors(tmp_path, capsys, monkeypat
     out = tmp_path / "cmp.md"
     assert main(["compare", "workspace", "workspace", "--n-boot", "20", "--out", str(out)]) == 0
     assert out.read_text() == capsys.readouterr().out and "| semantic_auroc" in out.read_text()
+
+
+def test_ablation_seed_table_gives_mean_and_spread_over_seeds(tmp_path):
+    from bench.ablations import seed_table
+
+    runs = {"a": [_items(tmp_path, f"a{s}.parquet", seed=s, signal=0.1) for s in range(2)],
+            "c": [_items(tmp_path, f"c{s}.parquet", seed=s, signal=0.5) for s in range(2)]}
+    text = seed_table(runs, n_boot=20)
+    vals = [headlines.intervals(it, n_boot=0, seed=0, names=("semantic_auroc",))["semantic_auroc"].value
+            for it in runs["c"]]
+    row = next(x for x in text.splitlines() if x.startswith("| semantic_auroc |"))
+    assert f"{np.mean(vals):.4g} ± {np.std(vals, ddof=1):.3g}" in row.split("|")[4]
+    assert "(k=2)" in text.splitlines()[0]
