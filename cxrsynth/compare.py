@@ -76,7 +76,8 @@ def compare_runs(runs: Sequence[Items], *, n_boot: int = 1000, seed: int = 0,
     for h in HEADLINES:
         if names is not None and h.name not in names:
             continue
-        values = [bootstrap(h.make(r), units_of(r, h.role), n_boot=n_boot, seed=seed) for r in runs]
+        values = [bootstrap(h.make(r), units_of(r, h.role), n_boot=n_boot, seed=seed, centre=h.set_level)
+                  for r in runs]
         diffs, pairing = [], []
         base = runs[0]
         for other in runs[1:]:
@@ -85,11 +86,13 @@ def compare_runs(runs: Sequence[Items], *, n_boot: int = 1000, seed: int = 0,
             if shared and len(shared) >= 2:
                 a, b = restrict(base, h.role, shared), restrict(other, h.role, shared)
                 ua2, ub2 = units_of(a, h.role), units_of(b, h.role)
-                d = paired_difference(h.make(a), ua2, h.make(b), ub2, n_boot=n_boot, seed=seed)
+                d = paired_difference(h.make(a), ua2, h.make(b), ub2, n_boot=n_boot, seed=seed,
+                                      centre=h.set_level)
                 full = len(shared) == len(ua) == len(ub)
                 pairing.append("paired" if full else f"paired on {len(shared)} of {max(len(ua), len(ub))}")
             else:
-                d = unpaired_difference(h.make(base), ua, h.make(other), ub, n_boot=n_boot, seed=seed)
+                d = unpaired_difference(h.make(base), ua, h.make(other), ub, n_boot=n_boot, seed=seed,
+                                        centre=h.set_level)
                 pairing.append("unpaired")
             diffs.append(d)
         rows.append(Row(h, values, diffs, pairing))

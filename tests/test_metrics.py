@@ -249,7 +249,7 @@ def _prdc_full(real, fake, k):
 
 @pytest.mark.parametrize("chunk", [1, 7, None])
 def test_chunked_nearest_and_prdc_equal_the_full_matrix(chunk):
-    from cxrsynth.eval.metrics import _kth_neighbour_radius, nearest, pairwise_distances, prdc
+    from cxrsynth.eval.metrics import kth_neighbour_radius, nearest, pairwise_distances, prdc
 
     rng = np.random.default_rng(3)
     real, fake = rng.normal(size=(203, 6)), rng.normal(0.3, 1.1, size=(151, 6))
@@ -262,7 +262,7 @@ def test_chunked_nearest_and_prdc_equal_the_full_matrix(chunk):
     if chunk is None:  # small sets fit one chunk: bit for bit the full matrix
         assert np.array_equal(dist, full.min(axis=1))
     assert idx[5] == 17 and dist[5] == 0.0 and (idx < len(real)).all()
-    assert np.allclose(_kth_neighbour_radius(real, 5, chunk),
+    assert np.allclose(kth_neighbour_radius(real, 5, chunk),
                        np.partition(pairwise_distances(real, real), 5, axis=1)[:, 5], rtol=1e-12, atol=1e-12)
     got = prdc(Features(real, "x"), Features(fake, "x"), k=5, chunk=chunk)
     assert {k: got[k] for k in ("precision", "recall", "density", "coverage")} == _prdc_full(real, fake, 5)

@@ -33,23 +33,32 @@ class Headline:
     better: str                # "higher" | "lower" | "closer" (to the floor)
     make: Callable[[Items], Callable[[np.ndarray], float | None]]  # items -> (row indices of `role` -> value)
     doc: str
+    set_level: bool = False    # a statistic of the whole set (FID, KID, PRDC): its interval is re-centred
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # statistics (each built once per table: `make(items)` precomputes what every replicate shares)
 
 def _fid(role: str):
+    """FID against the fixed real test features: tr((S_r S_f)^1/2) as the sum of the square roots of the eigenvalues
+    of S_r^1/2 S_f S_r^1/2 (symmetric, the same trace), S_r^1/2 computed once, so a replicate costs one symmetric
+    eigenvalue problem instead of a general matrix square root (tested equal to torchmetrics' FID)."""
     def make(items: Items):
-        fake, real = items.features(role), items.features("real_test")
+        fake, real = items.features(role).astype(np.float64), items.features("real_test").astype(np.float64)
         if len(real) < 2 or len(fake) < 2:
             return lambda rows: None
         mu_r, s_r = gaussian_stats(real)
+        w, v = np.linalg.eigh(s_r)
+        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        tr_r = float(np.trace(s_r))
 
         def stat(rows: np.ndarray) -> float | None:
             if len(np.unique(rows)) < 2:
                 return None
-            mu, s = gaussian_stats(fake[rows])
-            return frechet_distance(mu_r, s_r, mu, s)
+            mu, s_f = gaussian_stats(fake[rows])
+            ev = np.linalg.eigvalsh(root @ s_f @ root)
+            d = mu_r - mu
+            return float(d @ d + tr_r + np.trace(s_f) - 2.0 * np.sqrt(np.clip(ev, 0, None)).sum())
         return stat
     return make
 
@@ -79,19 +88,32 @@ def _kid(items: Items):
 
 
 def _prdc(which: str):
+    """One PRDC computation per resample, shared by the four headlines (they draw the same units: same seed), with
+    the real balls' radii computed once."""
     def make(items: Items):
-        from cxrsynth.eval.metrics import Features, prdc
+        from cxrsynth.eval.metrics import Features, kth_neighbour_radius, prdc
 
         fake, real = items.features("synthetic"), items.features("real_test")
         k = int(items.meta.get("prdc_k", 5))
         if len(real) <= k or len(fake) <= k:
             return lambda rows: None
-        ref = Features(real.astype(np.float64), "items")
+        memo = items.memo.setdefault("prdc", {})
+        if "ref" not in memo:
+            ref = Features(real.astype(np.float64), "items")
+            memo["ref"] = (ref, kth_neighbour_radius(ref.values, k), fake.astype(np.float64))
+        ref, radius, fake64 = memo["ref"]
 
         def stat(rows: np.ndarray) -> float | None:
             if len(rows) <= k:
                 return None
-            return prdc(ref, Features(fake[rows].astype(np.float64), "items"), k=k)[which]
+            key = rows.tobytes()
+            got = memo.get(key)
+            if got is None:
+                if len(memo) > 4 * 1024:  # bound the cache (a bootstrap's replicates, not every draw ever made)
+                    for old in [x for x in memo if x != "ref"][:2048]:
+                        del memo[old]
+                got = memo[key] = prdc(ref, Features(fake64[rows], "items"), k=k, real_radius=radius)
+            return got[which]
         return stat
     return make
 
@@ -182,21 +204,22 @@ def _near_copy(items: Items):
 
 HEADLINES: tuple[Headline, ...] = (
     Headline("fid", "synthetic", "fidelity/classifier/fid", "lower", _fid("synthetic"),
-             "FID of the synthetic images against the real test images (classifier features)"),
+             "FID of the synthetic images against the real test images (classifier features)", set_level=True),
     Headline("fid_floor", "floor", "floor/classifier/fid", "lower", _fid("floor"),
-             "FID of as many real training images against the real test images: the floor"),
+             "FID of as many real training images against the real test images: the floor", set_level=True),
     Headline("fid_codebook", "ceiling", "codebook_floor/classifier/fid", "lower", _fid("ceiling"),
-             "FID of the VQ-GAN reconstructions of those training images: the best a token generator can do"),
+             "FID of the VQ-GAN reconstructions of those training images: the best a token generator can do",
+             set_level=True),
     Headline("kid", "synthetic", "fidelity/classifier/kid_full", "lower", _kid,
-             "KID (unbiased MMD^2, cubic kernel) of the full sets"),
+             "KID (unbiased MMD^2, cubic kernel) of the full sets", set_level=True),
     Headline("precision", "synthetic", "fidelity/classifier/precision", "higher", _prdc("precision"),
-             "share of synthetic images inside the real images' k-NN balls"),
+             "share of synthetic images inside the real images' k-NN balls", set_level=True),
     Headline("recall", "synthetic", "fidelity/classifier/recall", "higher", _prdc("recall"),
-             "share of real images inside the synthetic images' k-NN balls"),
+             "share of real images inside the synthetic images' k-NN balls", set_level=True),
     Headline("density", "synthetic", "fidelity/classifier/density", "higher", _prdc("density"),
-             "mean count of real balls holding a synthetic image, over k"),
+             "mean count of real balls holding a synthetic image, over k", set_level=True),
     Headline("coverage", "synthetic", "fidelity/classifier/coverage", "higher", _prdc("coverage"),
-             "share of real images whose ball holds a synthetic image"),
+             "share of real images whose ball holds a synthetic image", set_level=True),
     Headline("semantic_auroc", "synthetic", "semantic/macro_auroc", "higher",
              _macro_auroc("synthetic", "label"), "classifier on synthetic images vs the prompt's labels, macro AUROC"),
     Headline("paired_auroc", "synthetic", "paired/macro_auroc", "higher",
@@ -231,7 +254,8 @@ def intervals(items: Items, *, n_boot: int, seed: int, names=None) -> dict[str, 
     for h in HEADLINES:
         if names is not None and h.name not in names:
             continue
-        out[h.name] = bootstrap(h.make(items), units_of(items, h.role), n_boot=n_boot, seed=seed)
+        out[h.name] = bootstrap(h.make(items), units_of(items, h.role), n_boot=n_boot, seed=seed,
+                                centre=h.set_level)
     return out
 
 

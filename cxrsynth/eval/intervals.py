@@ -12,6 +12,12 @@ together (several samples of one prompt are not independent draws), the real tes
   prompts happened to be drawn) cancels in the difference.
 - `unpaired_difference`: runs with different units: each run is resampled on its own.
 
+`centre=True` (set statistics: FID, KID, precision / recall / density / coverage): a resample with replacement holds
+duplicates, which act as fewer distinct images, so these statistics are biased in the replicates (FID up, recall and
+coverage down; measured on the default run: FID 3.45 with percentile interval [3.69, 5.14], all above the value).
+The replicates are then shifted by (median of the replicates - the value) before taking the percentiles: the
+interval keeps the spread of the statistic over resamples and is centred on the value itself.
+
 Written here rather than with `scipy.stats.bootstrap`: that function resamples observations, not clusters of rows,
 and evaluating two runs on one draw (the paired design) needs the draw itself.
 """
@@ -84,16 +90,22 @@ def draws(n_units: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_units, size=(n_boot, n_units))
 
 
-def percentile_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float | None, float | None]:
+def percentile_interval(values: Sequence[float], level: float = LEVEL, centre: float | None = None
+                        ) -> tuple[float | None, float | None]:
+    """The (1 - level) / 2 and (1 + level) / 2 quantiles of `values`; with `centre`, of the values shifted so that
+    their median is `centre`."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
     if not len(v):
         return None, None
+    if centre is not None:
+        v = v - (np.median(v) - centre)
     a = (1.0 - level) / 2.0
     lo, hi = np.quantile(v, [a, 1.0 - a])
     return float(lo), float(hi)
 
 
-def bootstrap(stat: Statistic, units: Units, *, n_boot: int, seed: int, level: float = LEVEL) -> Interval:
+def bootstrap(stat: Statistic, units: Units, *, n_boot: int, seed: int, level: float = LEVEL,
+              centre: bool = False) -> Interval:
     """`stat` on all rows, with the percentile interval over `n_boot` unit resamples."""
     value = _finite(stat(units.all_rows())) if len(units) else None
     reps: list[float] = []
@@ -102,12 +114,12 @@ def bootstrap(stat: Statistic, units: Units, *, n_boot: int, seed: int, level: f
             r = _finite(stat(units.take(chosen)))
             if r is not None:
                 reps.append(r)
-    lo, hi = percentile_interval(reps, level)
+    lo, hi = percentile_interval(reps, level, value if centre else None)
     return Interval(value, lo, hi, len(units), len(reps), (n_boot - len(reps)) if value is not None else 0)
 
 
 def paired_difference(stat_a: Statistic, units_a: Units, stat_b: Statistic, units_b: Units, *, n_boot: int,
-                      seed: int, level: float = LEVEL) -> Interval:
+                      seed: int, level: float = LEVEL, centre: bool = False) -> Interval:
     """stat_b - stat_a with both runs evaluated on one draw of their shared units per replicate. The units must be
     the same names (`shared_units` gives two run's Units restricted to what they share)."""
     if list(units_a.names) != list(units_b.names):
@@ -120,12 +132,12 @@ def paired_difference(stat_a: Statistic, units_a: Units, stat_b: Statistic, unit
             ra, rb = _finite(stat_a(units_a.take(chosen))), _finite(stat_b(units_b.take(chosen)))
             if ra is not None and rb is not None:
                 reps.append(rb - ra)
-    lo, hi = percentile_interval(reps, level)
+    lo, hi = percentile_interval(reps, level, value if centre else None)
     return Interval(value, lo, hi, len(units_a), len(reps), (n_boot - len(reps)) if value is not None else 0)
 
 
 def unpaired_difference(stat_a: Statistic, units_a: Units, stat_b: Statistic, units_b: Units, *, n_boot: int,
-                        seed: int, level: float = LEVEL) -> Interval:
+                        seed: int, level: float = LEVEL, centre: bool = False) -> Interval:
     """stat_b - stat_a with each run resampled on its own (runs that share no units)."""
     a, b = _finite(stat_a(units_a.all_rows())), _finite(stat_b(units_b.all_rows()))
     value = None if a is None or b is None else b - a
@@ -136,6 +148,6 @@ def unpaired_difference(stat_a: Statistic, units_a: Units, stat_b: Statistic, un
             ra, rb = _finite(stat_a(units_a.take(ca))), _finite(stat_b(units_b.take(cb)))
             if ra is not None and rb is not None:
                 reps.append(rb - ra)
-    lo, hi = percentile_interval(reps, level)
+    lo, hi = percentile_interval(reps, level, value if centre else None)
     return Interval(value, lo, hi, min(len(units_a), len(units_b)), len(reps),
                     (n_boot - len(reps)) if value is not None else 0)

@@ -98,6 +98,7 @@ class Items:
         if missing:
             raise ItemsError(f"{source or 'items'}: missing columns {missing}")
         self.df, self.meta, self.source = df.reset_index(drop=True), meta, source
+        self.memo: dict = {}  # what several headlines' statistics share (e.g. one PRDC per resample)
 
     def role(self, role: str) -> pd.DataFrame:
         return self.df[self.df.role == role].reset_index(drop=True)

@@ -177,7 +177,7 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.nd
     return out
 
 
-def _kth_neighbour_radius(x: np.ndarray, k: int, chunk: int | None = None) -> np.ndarray:
+def kth_neighbour_radius(x: np.ndarray, k: int, chunk: int | None = None) -> np.ndarray:
     """Distance of each point to its k-th nearest neighbour within the same set (itself excluded)."""
     out = np.empty(len(x))
     for i, d in _blocks(x, x, chunk):
@@ -185,20 +185,22 @@ def _kth_neighbour_radius(x: np.ndarray, k: int, chunk: int | None = None) -> np
     return out
 
 
-def prdc(real: Features, fake: Features, k: int = 5, chunk: int | None = None) -> dict:
+def prdc(real: Features, fake: Features, k: int = 5, chunk: int | None = None,
+         real_radius: np.ndarray | None = None) -> dict:
     """Precision, recall, density, coverage with k nearest neighbours (Naeem et al. 2020).
 
     With r_i the distance of real point i to its k-th nearest real neighbour and B(x, r) the open ball:
     precision = share of fake points inside some B(real_i, r_i); recall = share of real points inside some
     B(fake_j, s_j) (s_j from the fake set); density = (1/k) * mean over fake points of how many real balls hold them;
-    coverage = share of real points whose ball holds at least one fake point.
+    coverage = share of real points whose ball holds at least one fake point. `real_radius`: the r_i computed
+    before (`kth_neighbour_radius(real.values, k)`), for many fake sets against one real set (the bootstraps).
     """
     name = _check_pair(real, fake)
     if k < 1 or len(real) <= k or len(fake) <= k:
         raise ValueError(f"PRDC with k={k} needs more than k real and k synthetic samples "
                          f"(got {len(real)} and {len(fake)})")
-    r_real = _kth_neighbour_radius(real.values, k, chunk)
-    r_fake = _kth_neighbour_radius(fake.values, k, chunk)
+    r_real = kth_neighbour_radius(real.values, k, chunk) if real_radius is None else real_radius
+    r_fake = kth_neighbour_radius(fake.values, k, chunk)
     in_some_real = np.zeros(len(fake), bool)       # per fake point: inside some real ball (precision)
     real_balls = np.zeros(len(fake), np.int64)      # per fake point: how many real balls hold it (density)
     recalled = np.zeros(len(real), bool)            # per real point: inside some fake ball (recall)
