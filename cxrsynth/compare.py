@@ -76,16 +76,16 @@ def compare_runs(runs: Sequence[Items], *, n_boot: int = 1000, seed: int = 0,
     for h in HEADLINES:
         if names is not None and h.name not in names:
             continue
-        values = [bootstrap(h.make(r), units_of(r, h.role), n_boot=n_boot, seed=seed, centre=h.set_level)
+        values = [bootstrap(h.make(r), units_of(r, h.role, h.subset), n_boot=n_boot, seed=seed, centre=h.set_level)
                   for r in runs]
         diffs, pairing = [], []
         base = runs[0]
         for other in runs[1:]:
-            ua, ub = units_of(base, h.role), units_of(other, h.role)
+            ua, ub = units_of(base, h.role, h.subset), units_of(other, h.role, h.subset)
             shared = sorted(set(ua.names) & set(ub.names))
             if shared and len(shared) >= 2:
                 a, b = restrict(base, h.role, shared), restrict(other, h.role, shared)
-                ua2, ub2 = units_of(a, h.role), units_of(b, h.role)
+                ua2, ub2 = units_of(a, h.role, h.subset), units_of(b, h.role, h.subset)
                 d = paired_difference(h.make(a), ua2, h.make(b), ub2, n_boot=n_boot, seed=seed,
                                       centre=h.set_level)
                 full = len(shared) == len(ua) == len(ub)

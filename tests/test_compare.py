@@ -136,6 +136,8 @@ def test_headlines_recompute_known_values(tmp_path):
             vals.append(_auroc_rows(y[None], p[None])[0])
     assert res["semantic_auroc"].value == pytest.approx(np.mean(vals), abs=1e-12)
     assert res["semantic_auroc"].n == 80  # prompts, not images
+    assert res["paired_auroc"].n == s[s.paired].unit.nunique() < 80  # only the prompts made from a real report
+    assert res["effusion_side"].n == s[s.effusion_side.isin(["left", "right"])].unit.nunique() < 80
     assert res["near_copy_rate"].value == pytest.approx(s.near_copy.mean())
     side = s.effusion_side.to_numpy(object)
     ok = np.array([v in ("left", "right") for v in side])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from cxrsynth.eval.intervals import Interval, Units, bootstrap
 from cxrsynth.eval.items import Items, label_cols
@@ -34,6 +35,7 @@ class Headline:
     make: Callable[[Items], Callable[[np.ndarray], float | None]]  # items -> (row indices of `role` -> value)
     doc: str
     set_level: bool = False    # a statistic of the whole set (FID, KID, PRDC): its interval is re-centred
+    subset: Callable[[pd.DataFrame], np.ndarray] | None = None  # the role's rows it is defined on (n counts these)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,6 +204,21 @@ def _near_copy(items: Items):
     return lambda rows: float(flag[rows].mean()) if len(rows) else None
 
 
+def _paired_rows(df: pd.DataFrame) -> np.ndarray:
+    return df["paired"].to_numpy(bool) if "paired" in df.columns else np.zeros(len(df), bool)
+
+
+def _finite_ctr(df: pd.DataFrame) -> np.ndarray:
+    return np.isfinite(df["ctr"].to_numpy(np.float64)) if "ctr" in df.columns else np.zeros(len(df), bool)
+
+
+def _one_sided_effusion(df: pd.DataFrame) -> np.ndarray:
+    if "effusion_side" not in df.columns:
+        return np.zeros(len(df), bool)
+    side = np.array([v in ("left", "right") for v in df["effusion_side"]], bool)
+    return side & np.isfinite(df["effusion_asymmetry"].to_numpy(np.float64))
+
+
 HEADLINES: tuple[Headline, ...] = (
     Headline("fid", "synthetic", "fidelity/classifier/fid", "lower", _fid("synthetic"),
              "FID of the synthetic images against the real test images (classifier features)", set_level=True),
@@ -224,11 +241,13 @@ HEADLINES: tuple[Headline, ...] = (
              _macro_auroc("synthetic", "label"), "classifier on synthetic images vs the prompt's labels, macro AUROC"),
     Headline("paired_auroc", "synthetic", "paired/macro_auroc", "higher",
              _macro_auroc("synthetic", "source_label", restrict_paired=True),
-             "classifier on synthetic images vs the labels of the real image whose report was the prompt"),
+             "classifier on synthetic images vs the labels of the real image whose report was the prompt",
+             subset=_paired_rows),
     Headline("ctr_auroc", "synthetic", "phantom/ctr_auroc", "higher", _ctr_auroc,
-             "measured cardiothoracic ratio as a score of 'cardiomegaly asked' (phantom)"),
+             "measured cardiothoracic ratio as a score of 'cardiomegaly asked' (phantom)", subset=_finite_ctr),
     Headline("effusion_side", "synthetic", "phantom/effusion_side_accuracy", "higher", _effusion_side,
-             "share of one-sided effusion prompts whose denser base is on the asked side (phantom)"),
+             "share of one-sided effusion prompts whose denser base is on the asked side (phantom)",
+             subset=_one_sided_effusion),
     Headline("near_copy_rate", "synthetic", "privacy/near_copy_rate", "lower", _near_copy,
              "share of synthetic images closer to a training image than 5% of real test images are"),
     Headline("utility_real_auroc", "real_test", "utility/real/macro_auroc", "higher",
@@ -244,8 +263,13 @@ SUMMARY = ("fid", "fid_floor", "fid_codebook", "precision", "coverage", "semanti
            "ctr_auroc", "effusion_side", "near_copy_rate", "utility_gain")
 
 
-def units_of(items: Items, role: str) -> Units:
-    return Units(items.role(role)["unit"].to_numpy())
+def units_of(items: Items, role: str, subset: Callable[[pd.DataFrame], np.ndarray] | None = None) -> Units:
+    """The resampling units of a role's rows (of those `subset` selects: positions stay the role frame's)."""
+    df = items.role(role)
+    if subset is None:
+        return Units(df["unit"].to_numpy())
+    keep = np.flatnonzero(subset(df))
+    return Units(df["unit"].to_numpy()[keep], keep)
 
 
 def intervals(items: Items, *, n_boot: int, seed: int, names=None) -> dict[str, Interval]:
@@ -254,7 +278,7 @@ def intervals(items: Items, *, n_boot: int, seed: int, names=None) -> dict[str, 
     for h in HEADLINES:
         if names is not None and h.name not in names:
             continue
-        out[h.name] = bootstrap(h.make(items), units_of(items, h.role), n_boot=n_boot, seed=seed,
+        out[h.name] = bootstrap(h.make(items), units_of(items, h.role, h.subset), n_boot=n_boot, seed=seed,
                                 centre=h.set_level)
     return out
 

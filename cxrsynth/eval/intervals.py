@@ -62,15 +62,19 @@ def _finite(v) -> float | None:
 
 
 class Units:
-    """Rows grouped into resampling units: `units[u]` holds the row indices of unit u, in row order."""
+    """Rows grouped into resampling units: `rows[u]` holds the row indices of unit u, in row order. `positions`:
+    the row index of each key (default 0..len(keys)-1), for units over a subset of a table's rows."""
 
-    def __init__(self, keys: Sequence) -> None:
+    def __init__(self, keys: Sequence, positions: Sequence[int] | None = None) -> None:
         keys = np.asarray([str(k) for k in keys], dtype=object)
+        pos = np.arange(len(keys)) if positions is None else np.asarray(positions, np.int64)
+        if len(pos) != len(keys):
+            raise ValueError(f"{len(pos)} positions for {len(keys)} keys")
         self.names, inverse = np.unique(keys.astype(str), return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(self.names) + 1))
-        self.rows = [order[bounds[u]:bounds[u + 1]] for u in range(len(self.names))]
-        self.n_rows = len(keys)
+        self.rows = [pos[order[bounds[u]:bounds[u + 1]]] for u in range(len(self.names))]
+        self._all = np.sort(pos)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -82,7 +86,7 @@ class Units:
         return np.concatenate([self.rows[u] for u in chosen])
 
     def all_rows(self) -> np.ndarray:
-        return np.arange(self.n_rows)
+        return self._all
 
 
 def draws(n_units: int, n_boot: int, seed: int) -> np.ndarray:
