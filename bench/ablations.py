@@ -155,8 +155,9 @@ def main(argv: list[str]) -> None:
     order = [a for a in ("c", "a", "b") if a in runs]
     out = ["## Over seeds", "", seed_table(items, n_boot=args.n_boot)]
     for s in range(k.pop()):
-        names = [f"{ARMS[a]} [{runs[a][s]}]" for a in order]
+        names = [ARMS[a].split(" ", 1)[0] for a in order]
         out += [f"## Seed {s}: differences to arm (c)", "",
+                "Runs: " + ", ".join(f"{ARMS[a]} = `{runs[a][s]}`" for a in order) + ".", "",
                 markdown(names, compare_runs([items[a][s] for a in order], n_boot=args.n_boot, seed=s)) if
                 len(order) > 1 else seed_table({order[0]: [items[order[0]][s]]}, n_boot=args.n_boot)]
     sys.stdout.write("\n".join(out))

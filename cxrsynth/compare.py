@@ -8,7 +8,9 @@ is re-run. A run whose table cannot be read is a one-line error naming it.
 
 Pairing: a headline's units (prompt ids for synthetic rows, image ids for real test rows) are compared between the
 two runs. The same set: a paired bootstrap (each replicate draws one set of units for both runs). Overlapping sets:
-paired on the shared units, and the table says how many. Disjoint: each run is resampled on its own ("unpaired").
+paired on the shared units, and the table says how many (not for set statistics such as FID or PRDC, which on a
+subset would be another number: those are unpaired unless the sets are equal). Disjoint: each run is resampled on
+its own ("unpaired").
 A mark (`*`) flags an interval that excludes 0.
 """
 from __future__ import annotations
@@ -83,12 +85,13 @@ def compare_runs(runs: Sequence[Items], *, n_boot: int = 1000, seed: int = 0,
         for other in runs[1:]:
             ua, ub = units_of(base, h.role, h.subset), units_of(other, h.role, h.subset)
             shared = sorted(set(ua.names) & set(ub.names))
-            if shared and len(shared) >= 2:
+            full = len(shared) == len(ua) == len(ub)
+            # a set statistic (FID, PRDC) on a subset is another statistic: pair it only on identical units
+            if len(shared) >= 2 and (full or not h.set_level):
                 a, b = restrict(base, h.role, shared), restrict(other, h.role, shared)
                 ua2, ub2 = units_of(a, h.role, h.subset), units_of(b, h.role, h.subset)
                 d = paired_difference(h.make(a), ua2, h.make(b), ub2, n_boot=n_boot, seed=seed,
                                       centre=h.set_level)
-                full = len(shared) == len(ua) == len(ub)
                 pairing.append("paired" if full else f"paired on {len(shared)} of {max(len(ua), len(ub))}")
             else:
                 d = unpaired_difference(h.make(base), ua, h.make(other), ub, n_boot=n_boot, seed=seed,

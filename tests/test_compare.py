@@ -242,3 +242,11 @@ def test_set_statistics_are_recentred_and_fast_fid_equals_the_closed_form(tmp_pa
     raw = bootstrap(fid, headlines.units_of(it, "synthetic"), n_boot=100, seed=0)
     assert raw.lo > r.lo or raw.lo > res["fid"].lo
     assert np.median([fid(np.random.default_rng(s).integers(0, 160, 160)) for s in range(20)]) > res["fid"].value
+
+
+def test_set_statistics_on_partly_shared_units_are_unpaired(tmp_path):
+    a = _items(tmp_path, "a.parquet")
+    half = _items(tmp_path, "c.parquet", n_prompts=40)
+    rows = {r.headline.name: r for r in compare_runs([a, half], n_boot=10, seed=0, names=("fid", "fid_floor"))}
+    assert rows["fid"].pairing == ["unpaired"]
+    assert rows["fid_floor"].pairing == ["paired"]  # the same real reference rows in both
