@@ -4,7 +4,8 @@
 # bench/ablations.md from the runs' per-item tables (python -m bench.ablations: mean and spread over seeds, and per
 # seed the paired differences to arm (c) with bootstrap intervals, as `python -m cxrsynth compare` computes them).
 #
-#   bench/ablations.sh              # arms a b c, 3 seeds (c last at each seed; the workspace ends on the defaults)
+#   bench/ablations.sh              # arms a b c, 3 seeds (seeds k-1 .. 0, c last at each: the workspace ends on the
+#                                   # defaults)
 #   bench/ablations.sh 5            # 5 seeds
 #   ARMS="a c" bench/ablations.sh 2 # a subset
 # Each seed retrains everything (base.seed reaches the phantom's prompts and every model): about one `make repro`
@@ -37,7 +38,7 @@ trap 'cp "$BAK" params.yaml; rm -f "$BAK"' EXIT
 SEED0=$(python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['base']['seed'])")
 stamp=$(date +%Y%m%d-%H%M%S)
 declare -A RUNS
-for ((s = 0; s < SEEDS; s++)); do
+for ((s = SEEDS - 1; s >= 0; s--)); do  # seed 0 last: the workspace ends on params.yaml's own run
   for arm in ${ARMS:-a b c}; do
     case $arm in
       a) set_k=0;  set_src=prompts ;;
@@ -50,7 +51,7 @@ for ((s = 0; s < SEEDS; s++)); do
     start=$(date +%s)
     dvc exp run -n "$name" -S "base.seed=$s" -S "generator.key_patches=$set_k" -S "synthesize.prompt_source=$set_src"
     cp metrics/evaluate.json "$OUT/$arm-s$s.json"
-    RUNS[$arm]="${RUNS[$arm]:+${RUNS[$arm]},}$name"
+    RUNS[$arm]="$name${RUNS[$arm]:+,${RUNS[$arm]}}"  # seed order 0..k-1
     echo "== arm $arm seed $s took $(( $(date +%s) - start )) s"
   done
 done
