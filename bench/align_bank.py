@@ -24,7 +24,10 @@ import numpy as np
 import pandas as pd
 
 from cxrsynth.config import stage_params
-from cxrsynth.models.align import (BANK_RULES, AlignModel, Pairs, build_bank, pointing_cases, pointing_metrics)
+from cxrsynth.models.align import AlignModel
+from cxrsynth.models.align_training import Pairs
+from cxrsynth.keypatches import BANK_RULES, build_bank
+from cxrsynth.eval.alignment import pointing_cases, pointing_metrics
 from cxrsynth.models.vqgan import weights_sha256
 from stages.align import split_pairs
 

@@ -41,10 +41,11 @@ from tqdm import tqdm
 from cxrsynth.config import Params
 from cxrsynth.io import file_sha256
 from cxrsynth.keypatches import BANK_FILE, KeyPatch, terms_from_json, terms_of_text
-from cxrsynth.models.generator import Generator, folder_sha256, position_ids, report_text
+from cxrsynth.models.generator import Generator, folder_sha256, position_ids
 from cxrsynth.png_archive import LAYOUTS, TarShards, png_bytes, pixels_sha256
 from cxrsynth.shards import ShardError, check_shards, digest, shard_range, write_shard
 from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.text.sections import report_text
 from cxrsynth.train import autocast_context
 
 MANIFEST_COLUMNS = (["synthetic_id", "prompt_id", "sample", "kind", "text", "view", "terms", "key_patches", "seed",
@@ -116,7 +117,7 @@ def prompts_from_reports(manifest: pd.DataFrame, split: str = "test") -> list[Pr
     out = []
     for study, g in rows.groupby("study_id", sort=True):
         r = g.iloc[0]
-        text = report_text(r.get("findings"), r.get("impression"))
+        text = report_text(r.get("findings"), r.get("impression"), r.get("last_paragraph"))
         out.append(PromptRecord(prompt_id=f"r{int(study)}", text=text, view=str(r["view"]), kind="report",
                                 terms=terms_of_text(text), labels=_labels(r), seed=0,
                                 source_study_id=float(study), source_dicom_id=str(r["dicom_id"])))

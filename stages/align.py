@@ -28,8 +28,10 @@ from cxrsynth.config import stage_params
 from cxrsynth.data.arrays import split_images
 from cxrsynth.data.tokens import load_tokens
 from cxrsynth.io import write_json
-from cxrsynth.models.align import (Pairs, build_bank, fit, heatmap_tiles, pointing_cases, pointing_metrics,
-                                   report_text, retrieval_metrics)
+from cxrsynth.models.align_training import Pairs, fit, retrieval_metrics
+from cxrsynth.keypatches import build_bank
+from cxrsynth.eval.alignment import heatmap_tiles, pointing_cases, pointing_metrics
+from cxrsynth.text.sections import report_text
 from cxrsynth.models.vqgan import VQGAN, weights_sha256
 from cxrsynth.viz import image_grid
 

@@ -30,8 +30,9 @@ from cxrsynth.data.tokens import load_tokens, read_meta
 from cxrsynth.io import write_json
 import cxrsynth.models.generator as generator_module
 from cxrsynth.keypatches import BANK_FILE, KeyPatchBank, terms_of_text
-from cxrsynth.models.generator import (ModelSpec, build_tokenizer, file_sha256, fit, new_generator, report_text,
+from cxrsynth.models.generator import (ModelSpec, build_tokenizer, file_sha256, fit, new_generator,
                                        training_data, weights_sha256)
+from cxrsynth.text.sections import report_text
 from cxrsynth.train import TrainConfig, pick_device
 
 
@@ -40,7 +41,7 @@ def split_reports(manifest: pd.DataFrame, split: str) -> tuple[list[str], list[s
     rows = manifest[manifest.split == split].sort_values("image_row")
     if not (rows.image_row.to_numpy() == np.arange(len(rows))).all():
         raise SystemExit(f"manifest: image_row of split {split!r} is not 0..{len(rows) - 1}")
-    return [report_text(f, i) for f, i in zip(rows.findings, rows.impression)], [str(v) for v in rows.view]
+    return [report_text(f, i, lp) for f, i, lp in zip(rows.findings, rows.impression, rows.last_paragraph)], [str(v) for v in rows.view]
 
 
 def main() -> None:

@@ -11,9 +11,12 @@ from toys import KINDS, H, W, save_tiny_bert, toy_pairs
 
 from cxrsynth.config import AlignParams, ConfigError, params_from_dict
 from cxrsynth.keypatches import KeyPatchBank, terms_of_text
-from cxrsynth.models.align import (AlignModel, Pairs, PointingCase, basic_words, build_bank, contrastive_loss,
-                                   filip_similarity, fit, load_text_encoder, pointing_metrics, region_cells,
-                                   report_text, retrieval_metrics, top_positions, wordpiece_vocab)
+from cxrsynth.models.align import AlignModel, contrastive_loss, filip_similarity
+from cxrsynth.models.text_encoders import basic_words, load_text_encoder, wordpiece_vocab
+from cxrsynth.models.align_training import Pairs, fit, retrieval_metrics
+from cxrsynth.keypatches import build_bank
+from cxrsynth.eval.alignment import PointingCase, pointing_metrics, region_cells, top_positions
+from cxrsynth.text.sections import report_text
 
 
 def _norm(x):
@@ -94,7 +97,7 @@ def test_text_encoder_loads_from_a_local_folder_without_network(tiny_bert, monke
 
 
 def test_scratch_tokenizer_uses_its_vocabulary(tmp_path):
-    from cxrsynth.models.align import scratch_text_encoder
+    from cxrsynth.models.text_encoders import scratch_text_encoder
 
     texts = ["Right pleural effusion.", "No pneumothorax; heart enlarged."]
     enc, tok = scratch_text_encoder(texts, vocab_size=80, hidden=16, layers=1, heads=2, max_length=32,
@@ -392,7 +395,7 @@ def test_pointing_metrics_against_area_share():
 
 
 def test_background_codes_are_masked_out_of_the_maps(toy_model):
-    from cxrsynth.models.align import background_codes
+    from cxrsynth.models.align_training import background_codes
 
     g = np.zeros((10, 8, 8), np.uint16) + 3
     g[:, 2:6, 2:6] = 5  # the chest: code 5 fills the grid's central half
@@ -430,7 +433,7 @@ def test_background_border_masks_the_cells_next_to_empty_film_and_the_grid_edge(
 
 
 def test_report_text_and_params():
-    assert report_text(" Big  heart.\n", "Cardiomegaly.") == "FINDINGS: Big heart.\n\nIMPRESSION: Cardiomegaly."
+    assert report_text(" Big  heart.\n", "Cardiomegaly.", "Last para.") == "FINDINGS: Big heart.\n\nIMPRESSION: Cardiomegaly."
     assert report_text(None, "", "Last para.") == "Last para."
     with pytest.raises(ConfigError, match="align.text_model_path"):
         params_from_dict({"align": {"text_encoder": "pretrained"}})

@@ -179,7 +179,7 @@ def test_text_states_equal_one_text_at_a_time_encoding(tmp_path):
 def test_align_training_batches_equal_the_old_padded_cache(tmp_path):
     from test_align import TOY_PARAMS
 
-    from cxrsynth.models.align import build_model, cache_hidden
+    from cxrsynth.models.align_training import build_model, cache_hidden
     from toys import toy_pairs
 
     import dataclasses

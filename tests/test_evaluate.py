@@ -335,7 +335,7 @@ def tiny_pipeline(tmp_path_factory):
     vq.save(models / "vqgan")
     write_tokens(tokens, grids, codebook_size=32, image_size=16, vqgan_sha256=weights_sha256(models / "vqgan"))
     from cxrsynth.config import AlignParams
-    from cxrsynth.models.align import build_model
+    from cxrsynth.models.align_training import build_model
 
     torch.manual_seed(0)  # an untrained alignment model: the score contract is what is tested here
     ap = AlignParams(text_encoder="scratch", scratch_vocab_size=60, scratch_hidden=16, scratch_layers=1,

@@ -7,7 +7,7 @@ import torch
 
 from cxrsynth.keypatches import KeyPatch, KeyPatchBank, terms_of_text
 from cxrsynth.models.generator import (Generator, GeneratorError, ModelSpec, build_tokenizer, dropout_rows,
-                                       image_loss, new_generator, report_text, sequence_batch, special_tokens,
+                                       image_loss, new_generator, sequence_batch, special_tokens,
                                        training_data)
 from cxrsynth.train import TrainConfig
 

@@ -32,9 +32,11 @@ from toys import KINDS, labeled_squares, save_tiny_bert, toy_pairs
 
 from cxrsynth.config import AlignParams, ClassifierParams, CodebookParams
 from cxrsynth.keypatches import KeyPatch, KeyPatchBank, terms_of_text
-from cxrsynth.models.align import (AlignConfig, AlignModel, build_bank, filip_similarity, retrieval_metrics,
-                                   scratch_text_encoder)
-from cxrsynth.models.align import fit as align_fit
+from cxrsynth.models.align import AlignConfig, AlignModel, filip_similarity
+from cxrsynth.models.text_encoders import scratch_text_encoder
+from cxrsynth.models.align_training import retrieval_metrics
+from cxrsynth.keypatches import build_bank
+from cxrsynth.models.align_training import fit as align_fit
 from cxrsynth.models.classifier import Classifier, ClassifierConfig, split_report
 from cxrsynth.models.classifier import fit as classifier_fit
 from cxrsynth.models.generator import (Generator, ModelSpec, build_tokenizer, image_loss, new_generator,
@@ -362,7 +364,7 @@ def test_filip_similarity_cpu_and_cuda_agree():
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen_text", "trainable_text"])
 def test_align_scores_cpu_and_cuda_agree_and_cuda_weights_load_on_cpu(tmp_path, tiny_bert, frozen):
-    from cxrsynth.models.align import load_text_encoder
+    from cxrsynth.models.text_encoders import load_text_encoder
 
     torch.manual_seed(0)
     if frozen:  # a pretrained encoder from a local folder, frozen: token states cached per model object

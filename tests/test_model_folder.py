@@ -88,7 +88,7 @@ def _build_classifier(path: Path) -> None:
 
 def _build_align(path: Path) -> None:
     from cxrsynth.config import AlignParams
-    from cxrsynth.models.align import build_model
+    from cxrsynth.models.align_training import build_model
 
     p = AlignParams(text_encoder="scratch", scratch_hidden=16, scratch_layers=1, scratch_heads=2, text_head_layers=0,
                     embed_dim=16, patch_dim=16, patch_layers=0, patch_heads=2)

@@ -4,7 +4,8 @@ saved to a local folder."""
 import numpy as np
 import torch
 
-from cxrsynth.models.align import Pairs, wordpiece_vocab
+from cxrsynth.models.text_encoders import wordpiece_vocab
+from cxrsynth.models.align_training import Pairs
 from cxrsynth.models.classifier import LabeledImages
 
 NAN = np.nan

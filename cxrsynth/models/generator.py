@@ -77,16 +77,6 @@ def clean_text(text: str | None) -> str:
     return " ".join(str(text or "").split()).lower()
 
 
-def report_text(findings: str | None, impression: str | None) -> str:
-    """A report as prompts are written (`FINDINGS: ...\\n\\nIMPRESSION: ...`), empty sections left out."""
-    parts = []
-    for name, body in (("FINDINGS", findings), ("IMPRESSION", impression)):
-        body = " ".join(str(body).split()) if isinstance(body, str) else ""
-        if body:
-            parts.append(f"{name}: {body}")
-    return "\n\n".join(parts)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # layout
 

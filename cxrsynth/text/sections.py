@@ -107,3 +107,15 @@ def conclusion(text: str) -> tuple[str | None, str]:
         if name in sections:
             return name, sections[name]
     return None, ""
+
+
+def report_text(findings: str | None, impression: str | None, fallback: str | None) -> str:
+    """A report as the prompts are written: `FINDINGS: ...\\n\\nIMPRESSION: ...` (whitespace collapsed); the
+    fallback (the last paragraph, as the official sectioning gives it) when both sections are empty. The one
+    report-to-text rule of the project: the aligner, the generator and the paired prompts all see this text."""
+    def clean(s: str | None) -> str:
+        return " ".join(str(s).split()) if isinstance(s, str) else ""
+
+    f, i = clean(findings), clean(impression)
+    parts = ([f"FINDINGS: {f}"] if f else []) + ([f"IMPRESSION: {i}"] if i else [])
+    return "\n\n".join(parts) if parts else clean(fallback)
