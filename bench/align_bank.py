@@ -29,7 +29,7 @@ from cxrsynth.models.align_training import Pairs
 from cxrsynth.keypatches import BANK_RULES, build_bank
 from cxrsynth.eval.alignment import pointing_cases, pointing_metrics
 from cxrsynth.models.vqgan import weights_sha256
-from stages.align import split_pairs
+from cxrsynth.stages.align import split_pairs
 
 FINDINGS = ("pleural effusion", "pneumothorax", "cardiomegaly", "consolidation", "lung lesion", "atelectasis",
             "pulmonary edema")

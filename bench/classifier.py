@@ -17,7 +17,7 @@ import yaml
 
 from cxrsynth.config import ClassifierParams, build_section, stage_params
 from cxrsynth.models.classifier import fit, split_report
-from stages.classifier import load_labeled
+from cxrsynth.stages.classifier import load_labeled
 
 
 def main(argv: list[str]) -> None:

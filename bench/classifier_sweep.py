@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from cxrsynth.config import ClassifierParams, build_section, load_params
-from cxrsynth.models.classifier import LabeledImages, fit, split_report
+from cxrsynth.models.classifier import fit, split_report
+from cxrsynth.data.arrays import LabeledImages
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 

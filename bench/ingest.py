@@ -24,7 +24,8 @@ import pydicom
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrsynth.config import FixtureParams, IngestParams  # noqa: E402
-from cxrsynth.data.ingest import collect, ingest, to_square  # noqa: E402
+from cxrsynth.stages.ingest import collect, ingest
+from cxrsynth.images import to_square
 from cxrsynth.data.phantom.dataset import generate  # noqa: E402
 
 

@@ -5,7 +5,7 @@
 
 naive: one image at a time, no KV cache (the whole sequence is run again for every new token), sampling over the
 whole vocabulary, and an image that gets a non-image token before its H*W codes are complete is thrown away and
-started again (retries counted). ours: `cxrsynth.synthesis.sample_codes` (batched, KV cache, logits restricted to
+started again (retries counted). ours: `cxrsynth.pipeline.sample_codes` (batched, KV cache, logits restricted to
 image tokens: no retries). Each mode runs in its own child process so its peak memory (max RSS on CPU; max allocated
 on CUDA) is its own. Uses the trained models in `--models` (default models/) and the first prompts of
 data/prompts/prompts.parquet; prints one JSON line per measurement and a summary.
@@ -32,7 +32,7 @@ def _setup(args):
     import torch
 
     from cxrsynth.models.generator import Generator
-    from cxrsynth.synthesis import prompts_from_parquet
+    from cxrsynth.pipeline import prompts_from_parquet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +87,7 @@ def naive(gen, encoded, n: int, temperature: float = 1.0, max_retries: int = 20)
 def ours(gen, encoded, n: int, batch: int, dtype: str = "float32") -> dict:
     import torch
 
-    from cxrsynth.synthesis import Sampling, sample_codes
+    from cxrsynth.models.token_sampler import Sampling, sample_codes
 
     prompts = [encoded[i % len(encoded)] for i in range(n)]
     if gen.device.type == "cuda":

@@ -69,7 +69,9 @@ def _generate_parser(ap: argparse.ArgumentParser) -> Runner:
 
 def _generate(args: argparse.Namespace) -> int:
     from cxrsynth.keypatches import terms_of_text
-    from cxrsynth.synthesis import PromptRecord, Sampling, load_models, synthesize, write_outputs
+    from cxrsynth.pipeline import PromptRecord, load_models, synthesize
+    from cxrsynth.data.synthetic_writer import write_outputs
+    from cxrsynth.models.token_sampler import Sampling
     from cxrsynth.train import pick_device
 
     if args.num < 1:
@@ -150,7 +152,8 @@ def _export_png(args: argparse.Namespace) -> int:
 
     from cxrsynth.data.arrays import NpyRows
     from cxrsynth.png_archive import read_png
-    from cxrsynth.synthesis import png_bytes, png_text
+    from cxrsynth.pipeline import png_bytes
+    from cxrsynth.data.synthetic import png_text
 
     folder, out = Path(args.folder), Path(args.out)
     if not (folder / "manifest.parquet").is_file():
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from cxrsynth.models.generator import GeneratorError
     from cxrsynth.config import ConfigError
     from cxrsynth.models.folder import ModelFolderError
-    from cxrsynth.synthesis import SynthesisError
+    from cxrsynth.pipeline import SynthesisError
 
     try:
         return int(args._run(args) or 0)

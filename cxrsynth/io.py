@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
+
 def format_cell(v: object) -> str:
     """CSV cell as MIMIC writes it: None/NaN blank, floats in Python repr (1.0, -1.0, 80556.875)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -86,3 +87,11 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def json_number(v: float | int | None, nd: int = 6) -> float | None:
+    """JSON-safe rounded number: None for None / NaN / inf."""
+    if v is None:
+        return None
+    v = float(v)
+    return round(v, nd) if math.isfinite(v) else None

@@ -5,7 +5,7 @@ The `align` stage builds a `KeyPatchBank` after training: for each vocabulary ke
 `pathology|anatomy` pair, or a lateralised `pathology@left` / `pathology@right`) the grid positions and codes most
 aligned to it over the training images. Selection is a pure function of the prompt's terms and the bank:
 
-    bank.select(terms, k)      # terms: cxrsynth.text.prompting.Term (or their dicts)
+    bank.select(terms, k)      # terms: cxrsynth.text.specs.Term (or their dicts)
 
 so training the generator (terms extracted from each training image's own report) and synthesis (terms of the written
 prompt) pick key patches the same way, and nothing is read from the target image. A prompt whose terms are not in
@@ -48,7 +48,7 @@ from scipy import ndimage
 from cxrsynth.io import read_json_object
 from cxrsynth.models.text_states import TextStates, texts_sha256
 from cxrsynth.text.findings import extract_findings
-from cxrsynth.text.prompting import Term, spec_from_findings
+from cxrsynth.text.specs import Term, spec_from_findings
 
 if TYPE_CHECKING:  # type hints only: the code calls the objects' methods, no import edge
     from cxrsynth.models.align import AlignModel, TextBatch

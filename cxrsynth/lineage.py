@@ -175,7 +175,7 @@ def _label_columns(row: dict) -> list[str]:
 
 def verify(repo: str | Path, report: dict) -> list[str]:
     """Mismatches between the report (what made the image) and what is on disk now; [] when everything agrees."""
-    from cxrsynth.synthesis import model_hashes
+    from cxrsynth.pipeline import model_hashes
 
     repo = Path(repo).resolve()
     problems = []

@@ -10,7 +10,8 @@ from toys import labeled_squares, save_tiny_bert
 from cxrsynth.config import ClassifierParams
 from cxrsynth.data import arrays
 from cxrsynth.data.arrays import Concat, NpyRows, stream_sha256
-from cxrsynth.eval.features import Resized, mean_std, resize, to_image_tensor
+from cxrsynth.eval.features import Resized, mean_std
+from cxrsynth.images import resize, to_image_tensor
 
 
 @pytest.fixture()
@@ -97,7 +98,8 @@ def test_codebook_batches_and_weights_match_the_in_memory_path(tmp_path):
 
 
 def test_classifier_batches_and_weights_match_the_in_memory_path(tmp_path):
-    from cxrsynth.models.classifier import LabeledImages, fit
+    from cxrsynth.models.classifier import fit
+    from cxrsynth.data.arrays import LabeledImages
 
     data = labeled_squares(40, 0)
     np.save(tmp_path / "x.npy", data.images)

@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from toys import labeled_squares
 
 from cxrsynth.config import ClassifierParams
-from cxrsynth.models.folder import ModelFolderError
 from cxrsynth.eval.features import extract
 from cxrsynth.eval.metrics import fid
-from cxrsynth.models.classifier import (Augment, Classifier, ClassifierConfig, augment, eval_targets,
-                                        fit, label_targets, masked_bce, pos_weights, save_roc_png, split_report)
-from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.models.classifier import (Augment, Classifier, ClassifierConfig, augment, fit, masked_bce, pos_weights,
+                                        save_roc_png, split_report)
+from cxrsynth.models.folder import ModelFolderError
+from cxrsynth.text.chexpert import OBSERVATIONS, eval_targets, label_targets
+from toys import labeled_squares
 
 NAN = np.nan
 

@@ -13,14 +13,16 @@ import torch
 from cxrsynth.config import ClassifierParams, EvaluateParams, params_from_dict
 from cxrsynth.eval.features import Features
 from cxrsynth.eval.metrics import memorization
-from cxrsynth.evaluate import (EvaluateError, Pictures, agreement, alignment_block, auroc_block, counterparts,
-                               derangement, effusion_asymmetry, evaluate_all, fidelity_block, geometry_block,
-                               load_align, load_synthetic, one_sided_effusion, privacy_block, rare_labels, subsample,
-                               text_tile, to_size, utility_params)
+from cxrsynth.stages.evaluate import (agreement, alignment_block, auroc_block, counterparts, derangement, evaluate_all,
+                                      fidelity_block, load_align, privacy_block, rare_labels, subsample, to_size,
+                                      utility_params)
+from cxrsynth.eval.pictures import Pictures, text_tile
+from cxrsynth.eval.geometry import effusion_asymmetry, geometry_block, one_sided_effusion
+from cxrsynth.data.synthetic import EvaluateError, load_synthetic
 from cxrsynth.keypatches import KeyPatch, KeyPatchBank
 from cxrsynth.models.classifier import Classifier, ClassifierConfig
 from cxrsynth.text.chexpert import OBSERVATIONS
-from cxrsynth.text.prompting import Term
+from cxrsynth.text.specs import Term
 
 L = len(OBSERVATIONS)
 
@@ -434,7 +436,7 @@ def test_evaluate_all_is_deterministic_uses_synthesize_tokens_and_skips_without_
 
 
 def test_report_prompts_differ_from_anatomy_pathology_prompts():
-    syn = pytest.importorskip("cxrsynth.synthesis")
+    syn = pytest.importorskip("cxrsynth.pipeline")
     report = "FINDINGS: There is a moderate left pleural effusion.\n\nIMPRESSION: Left effusion."
     manifest = pd.DataFrame([{"subject_id": 1, "study_id": 7, "dicom_id": "d7", "split": "test", "view": "PA",
                               "findings": "There is a moderate left pleural effusion.",

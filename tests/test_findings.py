@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from cxrsynth.text.findings import Finding, extract_findings
-from cxrsynth.text.vocab import ANATOMY, PATHOLOGIES, canonical_anatomy, canonical_pathology
+from cxrsynth.text.findings import Finding, canonical_pathology, extract_findings
+from cxrsynth.text.vocab import ANATOMY, PATHOLOGIES, canonical_anatomy
 
 
 def _pairs(text, **kw):

@@ -43,7 +43,8 @@ from cxrsynth.models.generator import (Generator, ModelSpec, build_tokenizer, im
                                        sequence_batch, training_data, training_setup)
 from cxrsynth.models.vqgan import VQGAN, VQGANConfig, reconstruction_metrics, to_model_input
 from cxrsynth.models.vqgan import training_setup as vqgan_training_setup
-from cxrsynth.synthesis import PromptRecord, Sampling, decode, filter_logits, sample_codes, synthesize
+from cxrsynth.pipeline import PromptRecord, decode, synthesize
+from cxrsynth.models.token_sampler import Sampling, filter_logits, sample_codes
 from cxrsynth.train import TrainConfig, autocast_context, load_weights, resolve_dtype, train
 
 CUDA = torch.device("cuda")

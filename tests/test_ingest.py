@@ -13,7 +13,9 @@ import pytest
 
 from cxrsynth.config import FixtureParams, IngestParams
 from cxrsynth.data import dicom
-from cxrsynth.data.ingest import IngestError, ingest, to_square
+from cxrsynth.stages.ingest import ingest
+from cxrsynth.data.release import IngestError
+from cxrsynth.images import to_square
 from cxrsynth.data.layout import CSV_NAMES
 from cxrsynth.data.phantom.dataset import generate
 from cxrsynth.text.chexpert import OBSERVATIONS
@@ -273,7 +275,7 @@ def _old_way(path: Path, rows: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize("shape", [(10, 4, 3), (10,), (123456, 2)])
 def test_shrink_npy_cuts_rows_in_place_with_the_header_numpy_writes(tmp_path, shape):
-    from cxrsynth.data.ingest import shrink_npy
+    from cxrsynth.data.arrays import shrink_npy
 
     data = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     for n in (7, 0, shape[0]):
@@ -298,7 +300,7 @@ def test_shrink_npy_cuts_rows_in_place_with_the_header_numpy_writes(tmp_path, sh
 
 def test_shrink_npy_pads_a_header_without_growth_room(tmp_path):
     """A header written without numpy's spare digits (older numpy) keeps its length: spaces before the newline."""
-    from cxrsynth.data.ingest import shrink_npy
+    from cxrsynth.data.arrays import shrink_npy
 
     data = np.arange(12 * 5, dtype=np.uint8).reshape(12, 5)
     body = b"{'descr': '|u1', 'fortran_order': False, 'shape': (12, 5), }"
@@ -334,7 +336,7 @@ def _release_copy(base: Path, tmp: Path) -> tuple[Path, Path]:
 
 
 def test_fingerprint_changes_with_a_table_or_checksum_file_not_with_an_image(phantom, tmp_path):
-    from cxrsynth.data.ingest import release_fingerprint
+    from cxrsynth.data.release import release_fingerprint
     from cxrsynth.data.layout import write_checksums
 
     base, truth = phantom
@@ -363,7 +365,7 @@ def test_fingerprint_changes_with_a_table_or_checksum_file_not_with_an_image(pha
 
 
 def test_ingest_records_the_release_in_its_outputs_and_metrics(phantom, ingested):
-    from cxrsynth.data.ingest import release_fingerprint
+    from cxrsynth.data.release import release_fingerprint
     from cxrsynth.shards import digest
 
     base, _ = phantom
@@ -377,7 +379,7 @@ def test_ingest_records_the_release_in_its_outputs_and_metrics(phantom, ingested
 def test_dvc_yaml_ingest_depends_on_the_fingerprint_files_not_the_image_trees(phantom):
     import yaml
 
-    from cxrsynth.data.ingest import release_fingerprint
+    from cxrsynth.data.release import release_fingerprint
 
     base, _ = phantom
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["ingest"]
@@ -414,7 +416,7 @@ def test_checksums_command_writes_the_physionet_file(phantom, tmp_path, capsys):
 
 
 def test_merge_refuses_shards_that_read_different_releases(phantom, tmp_path):
-    from cxrsynth.data.ingest import ingest_shard, merge_ingest
+    from cxrsynth.stages.ingest import ingest_shard, merge_ingest
     from cxrsynth.data.layout import write_checksums
     from cxrsynth.shards import ShardError
 

@@ -3,7 +3,7 @@ import pytest
 
 from cxrsynth.keypatches import (BankError, KeyPatch, KeyPatchBank, key_side, mirror_key, term_keys, terms_from_json,
                                  terms_of_text)
-from cxrsynth.text.prompting import Term
+from cxrsynth.text.specs import Term
 
 
 def bank():

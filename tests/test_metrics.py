@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from cxrsynth.eval.features import Features, IdentityFeatures, TorchScriptFeatures, extract, resize, to_image_tensor
+from cxrsynth.eval.features import Features, IdentityFeatures, TorchScriptFeatures, extract
+from cxrsynth.images import resize, to_image_tensor
 from cxrsynth.eval.metrics import (ExtractorMismatch, auroc, closest_pairs_grid, compare, fid, fidelity,
                                    frechet_distance, gaussian_stats, kid, macro_auroc, memorization, per_label_auroc,
                                    pixel_vectors, prdc, roc_curve, same_extractor)

@@ -1,10 +1,10 @@
-"""dvc.yaml is honest: each stage depends on every package module it imports and on the params it reads."""
+"""dvc.yaml is honest: each stage depends on exactly the package modules it imports and on the params it reads."""
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cxrsynth.deps import local_imports
+from cxrsynth.deps import expected, local_imports, main, rewrite, stage_modules, stale_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -29,6 +29,49 @@ def test_stage_deps_cover_its_imports(name):
     missing = sorted(p.as_posix() for p in local_imports(ROOT, f"stages.{name}")
                      if not _covered(p, deps) and (ROOT / p).read_text().strip())
     assert not missing, f"stage {name} imports modules not listed as deps: {missing}"
+
+
+def test_dvc_yaml_module_deps_are_what_the_imports_give():
+    stale = stale_stages(ROOT, ROOT / "dvc.yaml")
+    assert not stale, f"dvc.yaml module deps are stale for {stale}: run `python -m cxrsynth.deps --write`"
+    text, new = expected(ROOT, ROOT / "dvc.yaml")
+    assert new == text
+
+
+def test_deps_writer_repairs_a_stale_dvc_yaml_and_keeps_the_rest(tmp_path):
+    text = (ROOT / "dvc.yaml").read_text()
+    lines = text.splitlines()
+    # drop one module dep of codebook and add a needless one: both are stale
+    i = lines.index("      - cxrsynth/models/vqgan.py")
+    stale = "\n".join(lines[:i] + ["      - cxrsynth/data/dicom.py"] + lines[i + 1:]) + "\n"
+    (tmp_path / "dvc.yaml").write_text(stale)
+    for sub in ("stages", "cxrsynth"):
+        (tmp_path / sub).symlink_to(ROOT / sub)
+    assert "codebook" in stale_stages(tmp_path, tmp_path / "dvc.yaml")
+    assert main(["--check", "--root", str(tmp_path)]) == 1
+    assert main(["--write", "--root", str(tmp_path)]) == 0
+    assert (tmp_path / "dvc.yaml").read_text() == text      # comments, data deps and order of the rest unchanged
+    assert main(["--check", "--root", str(tmp_path)]) == 0
+
+
+def test_rewrite_touches_only_module_lines_of_deps():
+    text = ("stages:\n  a:\n    cmd: python -m stages.a\n    deps:\n      - stages/a.py\n      - cxrsynth/old.py\n"
+            "      # a comment\n      - data/x\n    outs:\n      - cxrsynth/not_a_dep.txt\n")
+    new = rewrite(text, {"a": ["stages/a.py", "cxrsynth/new.py"]})
+    assert new == ("stages:\n  a:\n    cmd: python -m stages.a\n    deps:\n      - stages/a.py\n"
+                   "      - cxrsynth/new.py\n      # a comment\n      - data/x\n    outs:\n"
+                   "      - cxrsynth/not_a_dep.txt\n")
+
+
+def test_type_checking_imports_are_not_deps():
+    # the bank builder names the align network only in type hints: the generator stage must not re-run for it
+    assert "cxrsynth/models/align.py" not in stage_modules(ROOT, "generator")
+    assert "cxrsynth/keypatches.py" in stage_modules(ROOT, "generator")
+
+
+def test_codebook_does_not_depend_on_the_dicom_reader():
+    for name in ("codebook", "tokens", "classifier", "evaluate"):
+        assert "cxrsynth/data/dicom.py" not in stage_modules(ROOT, name), name
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 from cxrsynth.config import FixtureParams, IngestParams, PromptsParams
-from cxrsynth.data.ingest import ingest
+from cxrsynth.stages.ingest import ingest
 from cxrsynth.data.phantom.dataset import generate
-from cxrsynth.prompts import run
+from cxrsynth.stages.prompts import run
 from cxrsynth.text.chexpert import OBSERVATIONS
-from cxrsynth.text.prompting import Vocabulary
+from cxrsynth.text.specs import Vocabulary
 
 PARAMS = PromptsParams(min_count=2, n_sampled=40)
 

@@ -19,8 +19,8 @@ from cxrsynth.data.phantom.dataset import generate
 from cxrsynth.keypatches import terms_of_text
 from cxrsynth.models.vqgan import VQGAN, VQGANConfig
 from cxrsynth.shards import ShardError, check_shards, parse_shard, shard_range, write_shard
-from stages import ingest as ingest_stage
-from stages import synthesize as synthesize_stage
+from cxrsynth.stages import ingest as ingest_stage
+from cxrsynth.stages import synthesize as synthesize_stage
 
 TIMING = {"images_per_second", "sample_seconds", "seconds"}  # wall-clock fields: the only ones allowed to differ
 PARAMS = {"base": {"seed": 0, "device": "cpu", "num_workers": 0},

@@ -11,8 +11,10 @@ from cxrsynth.__main__ import main as cli
 from cxrsynth.keypatches import KeyPatch, KeyPatchBank, terms_of_text
 from cxrsynth.models.generator import ModelSpec, build_tokenizer, new_generator
 from cxrsynth.models.vqgan import VQGAN, VQGANConfig
-from cxrsynth.synthesis import (MANIFEST_COLUMNS, PromptRecord, Sampling, filter_logits, image_seed, load_models,
-                                pick, prompts_from_reports, sample_codes, synthesize, write_outputs)
+from cxrsynth.pipeline import PromptRecord, load_models, prompts_from_reports, synthesize
+from cxrsynth.data.synthetic import MANIFEST_COLUMNS
+from cxrsynth.data.synthetic_writer import write_outputs
+from cxrsynth.models.token_sampler import Sampling, filter_logits, image_seed, pick, sample_codes
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 GRID, K = (4, 4), 16
@@ -173,7 +175,7 @@ def test_png_layouts_hold_the_same_images(tmp_path):
 
     from cxrsynth.__main__ import main as cli
     from cxrsynth.png_archive import pixels_sha256, read_png
-    from cxrsynth.synthesis import write_images, write_tables
+    from cxrsynth.data.synthetic_writer import write_images, write_tables
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8)

@@ -43,7 +43,7 @@ def workspace(tmp_path_factory):
 def test_stage_writes_aligned_uint16_tokens_that_decode_close_to_the_images(workspace, monkeypatch):
     root, images, manifest = workspace
     monkeypatch.chdir(root)
-    from stages.tokens import main
+    from cxrsynth.stages.tokens import main
 
     main()
     model = VQGAN.load(root / "models" / "vqgan")

@@ -6,7 +6,7 @@ import torch
 
 from cxrsynth.models.text_encoders import wordpiece_vocab
 from cxrsynth.models.align_training import Pairs
-from cxrsynth.models.classifier import LabeledImages
+from cxrsynth.data.arrays import LabeledImages
 
 NAN = np.nan
 

@@ -21,11 +21,17 @@ do too, so tests can pass in-memory arrays and get the same batches.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from cxrsynth.text.chexpert import OBSERVATIONS
+
 
 CHUNK_BYTES = 1 << 24   # rows read together by sequential scans (hash, statistics): 16 MB
 
@@ -223,3 +229,83 @@ def split_images(interim: str | Path, split: str) -> NpyRows:
     """The ingested uint8 images of a split (`<interim>/images_<split>.npy`), read per batch; row i = the manifest
     row with image_row i of that split."""
     return NpyRows(Path(interim) / f"images_{split}.npy")
+
+
+def shrink_npy(path: str | Path, n: int) -> None:
+    """Cut a C-order .npy file to its first n rows in place: rewrite the header with the new length along axis 0,
+    keeping its byte length (numpy leaves room for 21 digits there, and anything shorter is padded with spaces before
+    the closing newline, which the format allows), then truncate the data. The result is byte-identical to what
+    `np.lib.format.open_memmap(path, 'w+', shape=(n, ...))` filled with those rows writes. n > rows raises."""
+    fmt = np.lib.format
+    with open(path, "r+b") as f:
+        version = fmt.read_magic(f)
+        read, write = {(1, 0): (fmt.read_array_header_1_0, fmt.write_array_header_1_0),
+                       (2, 0): (fmt.read_array_header_2_0, fmt.write_array_header_2_0)}.get(version, (None, None))
+        if read is None:
+            raise ValueError(f"{path}: .npy format version {version} not supported")
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+        if not shape or (fortran and len(shape) > 1) or dtype.hasobject:
+            raise ValueError(f"{path}: only C-order arrays of at least one dimension, without objects, can shrink")
+        if not 0 <= n <= shape[0]:
+            raise ValueError(f"{path}: cannot shrink {shape[0]} rows to {n}")
+        buf = io.BytesIO()
+        write(buf, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, *shape[1:])})
+        header = buf.getvalue()
+        if len(header) > offset:
+            raise ValueError(f"{path}: the header for {n} rows would not fit in place")  # cannot happen: n <= rows
+        if len(header) < offset:  # a numpy without growth room: pad before the newline, fix the length field
+            size = 2 if version == (1, 0) else 4
+            body = header[8 + size:-1] + b" " * (offset - len(header)) + b"\n"
+            header = header[:8] + len(body).to_bytes(size, "little") + body
+        f.seek(0)
+        f.write(header)
+        f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+class RowOrderError(ValueError):
+    """A split's manifest rows do not map one-to-one onto the rows of its array."""
+
+
+def split_rows(manifest, split: str, n: int, what: str):
+    """The manifest rows of `split` in array order (row i has image_row i), checked against an array of n rows
+    (`what` names it in the error): the one check that a split's images, tokens or labels line up with its rows."""
+    rows = manifest[manifest.split == split].sort_values("image_row").reset_index(drop=True)
+    if len(rows) != n or not (rows.image_row.to_numpy() == np.arange(n)).all():
+        raise RowOrderError(f"{what}: {n} rows but the manifest's image_row of split {split!r} is not "
+                            f"0..{len(rows) - 1}")
+    return rows
+
+
+@dataclass(frozen=True)
+class RealSplit:
+    """One split of the ingested real data: images (uint8 N x S x S, read per batch from the file: `NpyRows`),
+    label values, manifest rows in image order."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    rows: pd.DataFrame
+
+    def labeled(self) -> LabeledImages:
+        return LabeledImages(self.images, self.labels)
+
+
+def load_real(interim: str | Path, split: str) -> RealSplit:
+    """A split's images and manifest rows, row-aligned via `image_row`."""
+    manifest = pd.read_parquet(Path(interim) / "manifest.parquet",
+                               columns=["split", "image_row", "dicom_id", *OBSERVATIONS])
+    images = split_images(interim, split)
+    rows = split_rows(manifest, split, len(images), f"{interim}/images_{split}.npy")
+    return RealSplit(images, rows[list(OBSERVATIONS)].to_numpy(dtype=np.float64), rows)
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """Images (uint8 N x H x W, or float in [0, 1]) and their CheXpert label values (N x 14: 1, 0, -1, NaN)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} label rows")

@@ -51,7 +51,7 @@ def region_cells(region: dict, rows: int, columns: int, image_size: int, resize:
     least REGION_COVER, after ingest's square resize (pad or centre crop); at least the best-covered cell."""
     from PIL import Image
 
-    from cxrsynth.data.ingest import place_square
+    from cxrsynth.images import place_square
     from cxrsynth.data.phantom.truth import mask_from_rle
 
     if region.get("mask_rle"):

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from cxrsynth.images import resize, to_image_tensor
 
 
 @dataclass(frozen=True)
@@ -55,31 +56,6 @@ class Features:
     @property
     def dim(self) -> int:
         return int(self.values.shape[1])
-
-
-def to_image_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] or float [0, 1] images, N x H x W or N x 1 x H x W -> float32 tensor N x 1 x H x W in [0, 1]."""
-    if isinstance(images, torch.Tensor):
-        x = images
-    else:
-        a = np.asarray(images)
-        x = torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a))
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"expected grayscale images N x H x W or N x 1 x H x W, got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0
-    if not x.is_floating_point():
-        raise ValueError(f"expected uint8 or float images, got {x.dtype}")
-    return x.float()
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Square-resize N x C x H x W (bilinear with antialiasing when shrinking); a no-op at the right size."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

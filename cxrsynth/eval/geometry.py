@@ -8,8 +8,13 @@ and tolerates noise, a few degrees of rotation and contrast changes.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
+
+from cxrsynth.io import json_number
+from cxrsynth.keypatches import terms_from_json
 
 __all__ = ["LungFields", "find_lungs", "lung_side_means", "measure_cardiothoracic", "measure_ctr"]
 
@@ -209,3 +214,83 @@ def lung_side_means(image: np.ndarray, box: tuple[int, int, int, int]) -> tuple[
     W = img.shape[1]
     mx0, mx1 = W - x1, W - x0
     return float(img[y0:y1, x0:x1].mean()), float(img[y0:y1, mx0:mx1].mean())
+
+
+def effusion_asymmetry(image: np.ndarray) -> float:
+    """Basal density of the image-left hemithorax minus that of the image-right one (> 0: the patient's right base is
+    denser, as with a right pleural effusion on a frontal view).
+
+    The box spans the lower quarter of the lung fields down to just below them, from the lateral lung margin to 20%
+    of the thoracic width short of the midline, mirrored about the midline of the lung fields (`find_lungs`); if the
+    lungs cannot be found, fixed fractions of the image. Calibrated on the phantom's real images: the sign gives the
+    side of a one-sided effusion in about 80% of them at 64 px."""
+    img = np.asarray(image, np.float32)
+    if np.asarray(image).dtype == np.uint8:
+        img = img / 255.0
+    try:
+        lf = find_lungs(img)
+    except ValueError:
+        h, w = img.shape
+        y0, y1, x0, x1 = int(0.5 * h), int(0.85 * h), int(0.08 * w), int(0.42 * w)
+        return float(img[y0:y1, x0:x1].mean() - img[y0:y1, w - x1:w - x0].mean())
+    work, union = lf.image, lf.left | lf.right
+    ys, xs = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    y0, y1, x0, x1 = ys[0], ys[-1], xs[0], xs[-1]
+    mid, h, wd = (x0 + x1) / 2.0, y1 - y0, x1 - x0
+    ya, yb = int(y0 + 0.75 * h), int(min(work.shape[0], y1 + 0.15 * h))
+    xa, xb = int(x0), int(mid - 0.2 * wd)
+    if yb <= ya or xb <= xa:
+        return float("nan")
+    left = work[ya:yb, xa:xb].mean()
+    right = work[ya:yb, int(2 * mid - xb):int(2 * mid - xa)].mean()
+    return float(left - right)
+
+
+def one_sided_effusion(terms_json) -> str | None:
+    """'left' or 'right' when the prompt asks for a definite pleural effusion on exactly one side, else None."""
+    sides = {t.side for t in terms_from_json(terms_json) if "effusion" in t.pathology and t.certainty == "present"}
+    return next(iter(sides)) if len(sides) == 1 and sides <= {"left", "right"} else None
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    pos, neg = pos[np.isfinite(pos)], neg[np.isfinite(neg)]
+    if not len(pos) or not len(neg):
+        return None
+    from cxrsynth.eval.metrics import auroc
+
+    return auroc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
+
+
+def geometry_block(prefix: str, ctrs: np.ndarray, asked: np.ndarray, sides: Sequence[str | None],
+                   asymmetry: np.ndarray) -> dict:
+    """Cardiothoracic ratio by group (cardiomegaly asked / not asked: mean, share > 0.5, AUROC of the CTR as a
+    score, share unmeasurable) and the share of one-sided effusions whose denser base is on the asked side."""
+    ctrs, asked = np.asarray(ctrs, np.float64), np.asarray(asked, bool)
+    out: dict = {}
+    for name, m in (("asked", asked), ("not_asked", ~asked)):
+        v = ctrs[m & np.isfinite(ctrs)]
+        out[f"{prefix}/ctr_mean_{name}"] = json_number(v.mean()) if len(v) else None
+        out[f"{prefix}/ctr_enlarged_rate_{name}"] = json_number((v > 0.5).mean()) if len(v) else None
+        out[f"{prefix}/n_{name}"] = int(m.sum())
+    out[f"{prefix}/ctr_auroc"] = json_number(_auc(ctrs[asked], ctrs[~asked]), 4)
+    out[f"{prefix}/ctr_unmeasurable_rate"] = json_number((~np.isfinite(ctrs)).mean()) if len(ctrs) else None
+    want = np.array([{"right": 1.0, "left": -1.0}.get(s or "", np.nan) for s in sides])
+    asym = np.asarray(asymmetry, np.float64)
+    ok = np.isfinite(want) & np.isfinite(asym)
+    out[f"{prefix}/effusion_side_accuracy"] = json_number((np.sign(asym[ok]) == want[ok]).mean()) if ok.any() else None
+    out[f"{prefix}/effusion_n"] = int(ok.sum())
+    return out
+
+
+def measure_geometry(images: np.ndarray, sides: Sequence[str | None], progress: bool = False) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
+    """(CTR per image, effusion asymmetry per image where a side is asked, else NaN)."""
+    from tqdm import tqdm
+
+    ctr = np.full(len(images), np.nan)
+    asym = np.full(len(images), np.nan)
+    for i in tqdm(range(len(images)), desc="geometry", disable=not progress, leave=False):
+        ctr[i] = measure_ctr(images[i])
+        if sides[i] is not None:
+            asym[i] = effusion_asymmetry(images[i])
+    return ctr, asym

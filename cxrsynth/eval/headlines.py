@@ -21,9 +21,8 @@ import pandas as pd
 
 from cxrsynth.eval.intervals import Interval, Units, bootstrap
 from cxrsynth.eval.items import Items, label_cols
-from cxrsynth.eval.metrics import _auroc_rows, frechet_distance, gaussian_stats
-from cxrsynth.models.classifier import eval_targets
-from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.eval.metrics import _auroc_rows, gaussian_stats
+from cxrsynth.text.chexpert import OBSERVATIONS, eval_targets
 
 
 @dataclass(frozen=True)

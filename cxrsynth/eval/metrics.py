@@ -36,7 +36,8 @@ import torch
 from scipy import linalg
 from scipy.stats import rankdata
 
-from cxrsynth.eval.features import Features, IdentityFeatures, resize, to_image_tensor
+from cxrsynth.eval.features import Features, IdentityFeatures
+from cxrsynth.images import resize, to_image_tensor
 
 # ----------------------------------------------------------------------------------------------------------------
 # comparability
@@ -440,3 +441,5 @@ def closest_pairs_grid(report: Memorization, synthetic_images: np.ndarray, train
                      f"(threshold {report.threshold_pixel:.3g})"]
     return image_grid(images, captions, cols=4, tile=160, caption_lines=4,
                       title=f"closest synthetic/train pairs ({report.extractor})")
+
+

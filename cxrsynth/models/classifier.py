@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrsynth.config import ClassifierParams
-from cxrsynth.models import folder
-from cxrsynth.data.arrays import iter_chunks, take
-from cxrsynth.eval.features import ModelFeatures, mean_std, resize, to_image_tensor
+from cxrsynth.data.arrays import LabeledImages, iter_chunks, take
+from cxrsynth.eval.features import ModelFeatures, mean_std
 from cxrsynth.eval.metrics import LabelAUROC, macro_auroc, per_label_auroc, roc_curve
-from cxrsynth.text.chexpert import OBSERVATIONS
+from cxrsynth.images import resize, to_image_tensor
+from cxrsynth.models import folder
+from cxrsynth.text.chexpert import OBSERVATIONS, eval_targets, label_targets
 from cxrsynth.train import EpochSampler, TrainConfig, TrainResult, dist_info, seed_everything, train
 
 FORMAT = "cxrsynth-classifier"
@@ -249,39 +250,6 @@ class Classifier(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # labels and loss
 
-def label_targets(labels: np.ndarray, uncertain: str = "ignore",
-                  blank: str = "negative") -> tuple[np.ndarray, np.ndarray]:
-    """CheXpert label values (1.0, 0.0, -1.0 uncertain, NaN blank) -> (targets, mask), float32 N x L.
-
-    uncertain: 'ignore' masks -1 out of the loss (U-Ignore), 'zeros' maps it to 0 (U-Zeros), 'ones' to 1 (U-Ones).
-    blank: 'negative' trains a blank ("not mentioned") as 0, 'ignore' masks it out.
-    """
-    if uncertain not in ("ignore", "zeros", "ones"):
-        raise ValueError(f"uncertain policy must be ignore, zeros or ones, got {uncertain!r}")
-    if blank not in ("negative", "ignore"):
-        raise ValueError(f"blank policy must be negative or ignore, got {blank!r}")
-    y = np.asarray(labels, dtype=np.float64)
-    ok = np.isnan(y) | np.isin(y, (1.0, 0.0, -1.0))
-    if not ok.all():
-        bad = y[~ok][0]
-        raise ValueError(f"label values must be 1.0, 0.0, -1.0 or blank (NaN), got {bad!r}")
-    blank_m, unc_m = np.isnan(y), y == -1.0
-    targets = np.where(y == 1.0, 1.0, 0.0)
-    mask = np.ones_like(y)
-    if uncertain == "ignore":
-        mask[unc_m] = 0.0
-    elif uncertain == "ones":
-        targets[unc_m] = 1.0
-    if blank == "ignore":
-        mask[blank_m] = 0.0
-    return targets.astype(np.float32), mask.astype(np.float32)
-
-
-def eval_targets(labels: np.ndarray, blank: str = "negative") -> np.ndarray:
-    """Ground truth for scoring: 1 positive, 0 negative, NaN excluded (uncertain always; blank when blank='ignore')."""
-    targets, mask = label_targets(labels, "ignore", blank)
-    return np.where(mask > 0, targets, np.nan)
-
 
 def pos_weights(targets: np.ndarray, mask: np.ndarray, max_weight: float = 10.0) -> np.ndarray:
     """Class-balancing weight of positives per label: negatives / positives among usable labels, in [1, max_weight]
@@ -348,17 +316,6 @@ def augment_from_params(p: ClassifierParams) -> Augment:
 
 # ----------------------------------------------------------------------------------------------------------------
 # training and scoring
-
-@dataclass(frozen=True)
-class LabeledImages:
-    """Images (uint8 N x H x W, or float in [0, 1]) and their CheXpert label values (N x 14: 1, 0, -1, NaN)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} label rows")
 
 
 def _digest(*arrays) -> str:

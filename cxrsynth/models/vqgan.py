@@ -55,7 +55,7 @@ from torch import nn
 from cxrsynth.config import CodebookParams
 from cxrsynth.data.arrays import stream_digest, take
 from cxrsynth.models import folder
-from cxrsynth.eval.features import resize, to_image_tensor
+from cxrsynth.images import resize, to_image_tensor
 from cxrsynth.train import EpochSampler, TrainConfig, TrainResult, dist_info, seed_everything, train
 
 FORMAT = "cxrsynth-vqgan"

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 # Column order of mimic-cxr-2.0.0-chexpert.csv.gz (alphabetical, as released).
 OBSERVATIONS: tuple[str, ...] = (
     "Atelectasis",
@@ -69,3 +71,37 @@ def aggregate(mentions: Iterable[Mention]) -> dict[str, float | None]:
     abnormal = any(v in (1.0, -1.0) for k, v in labels.items() if k != "Support Devices")
     labels["No Finding"] = None if abnormal else 1.0
     return {obs: labels[obs] for obs in OBSERVATIONS}
+
+
+def eval_targets(labels: np.ndarray, blank: str = "negative") -> np.ndarray:
+    """Ground truth for scoring: 1 positive, 0 negative, NaN excluded (uncertain always; blank when blank='ignore')."""
+    targets, mask = label_targets(labels, "ignore", blank)
+    return np.where(mask > 0, targets, np.nan)
+
+
+def label_targets(labels: np.ndarray, uncertain: str = "ignore",
+                  blank: str = "negative") -> tuple[np.ndarray, np.ndarray]:
+    """CheXpert label values (1.0, 0.0, -1.0 uncertain, NaN blank) -> (targets, mask), float32 N x L.
+
+    uncertain: 'ignore' masks -1 out of the loss (U-Ignore), 'zeros' maps it to 0 (U-Zeros), 'ones' to 1 (U-Ones).
+    blank: 'negative' trains a blank ("not mentioned") as 0, 'ignore' masks it out.
+    """
+    if uncertain not in ("ignore", "zeros", "ones"):
+        raise ValueError(f"uncertain policy must be ignore, zeros or ones, got {uncertain!r}")
+    if blank not in ("negative", "ignore"):
+        raise ValueError(f"blank policy must be negative or ignore, got {blank!r}")
+    y = np.asarray(labels, dtype=np.float64)
+    ok = np.isnan(y) | np.isin(y, (1.0, 0.0, -1.0))
+    if not ok.all():
+        bad = y[~ok][0]
+        raise ValueError(f"label values must be 1.0, 0.0, -1.0 or blank (NaN), got {bad!r}")
+    blank_m, unc_m = np.isnan(y), y == -1.0
+    targets = np.where(y == 1.0, 1.0, 0.0)
+    mask = np.ones_like(y)
+    if uncertain == "ignore":
+        mask[unc_m] = 0.0
+    elif uncertain == "ones":
+        targets[unc_m] = 1.0
+    if blank == "ignore":
+        mask[blank_m] = 0.0
+    return targets.astype(np.float32), mask.astype(np.float32)

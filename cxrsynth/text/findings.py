@@ -71,15 +71,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cxrsynth.text.sections import split_sections
-from cxrsynth.text.vocab import (
-    ANATOMY_WORDS,
-    LEAD_SURFACES,
-    PATHOLOGIES,
-    find_anatomy,
-    normalize_surface,
-    pathology_surfaces,
-    phrase_regex,
-)
+from cxrsynth.text.vocab import (ANATOMY_WORDS, LEAD_SURFACES, PATHOLOGIES, find_anatomy, normalize_surface,
+                                 pathology_surfaces, phrase_regex, stored_pathology)
 
 DEFAULT_SECTIONS = ("findings", "impression", "last_paragraph", "full report")
 NEVER_READ = frozenset({"indication", "history", "comparison"})
@@ -799,6 +792,13 @@ def extract_findings(text: str, sections: Iterable[str] | None = DEFAULT_SECTION
     return out
 
 
-def _mentions_in(text: str) -> list[tuple[str, bool]]:
-    """(pathology, implied) of every mention in a short phrase (for vocab.canonical_pathology)."""
-    return [(f.pathology, f.implied) for f in extract_findings(text, sections=None)]
+def canonical_pathology(surface: str) -> str | None:
+    """Canonical pathology term of a surface form ("effusions", "ET tube", "enlarged heart", "heart size is mildly
+    enlarged"), or None. Falls back to the extractor for phrasings that are not stored forms."""
+    if not normalize_surface(surface):
+        return None
+    stored = stored_pathology(surface)
+    if stored is not None:
+        return stored
+    terms = {f.pathology for f in extract_findings(surface, sections=None) if not f.implied}
+    return terms.pop() if len(terms) == 1 else None

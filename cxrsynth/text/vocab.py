@@ -445,19 +445,10 @@ def find_anatomy(low: str, a: int = 0, b: int | None = None) -> list[tuple[int, 
     return out
 
 
-# ------------------------------------------------------------------------------------------------------- lookups
-def canonical_pathology(surface: str) -> str | None:
-    """Canonical pathology term of a surface form ("effusions", "ET tube", "enlarged heart", "heart size is mildly
-    enlarged"), or None. Falls back to the extractor for phrasings that are not stored forms."""
-    key = normalize_surface(surface)
-    if not key:
-        return None
-    if key in _SURFACE_TO_TERM:
-        return _SURFACE_TO_TERM[key]
-    from cxrsynth.text.findings import _mentions_in  # the extractor builds on this module; import lazily
-
-    terms = {p for p, implied in _mentions_in(surface) if not implied}
-    return terms.pop() if len(terms) == 1 else None
+def stored_pathology(surface: str) -> str | None:
+    """The pathology term a stored surface form names ("effusions", "ET tube"), or None. Phrasings that are not
+    stored forms need the extractor: `cxrsynth.text.findings.canonical_pathology`."""
+    return _SURFACE_TO_TERM.get(normalize_surface(surface))
 
 
 def canonical_anatomy(surface: str) -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrsynth.text.findings import extract_findings
-from cxrsynth.text.prompting import PromptSpec, Term, Vocabulary, term_set
+from cxrsynth.text.specs import PromptSpec, Term, Vocabulary, term_set
 
 _AT = ("base", "bases", "angle", "angles", "hilum", "hila", "apex", "apices", "carina")
 _ACRONYMS = {"picc", "ij", "et", "ng", "og", "svc", "icd", "cvc", "ett", "ivc", "ap", "pa"}

@@ -27,7 +27,7 @@ from cxrsynth.data.phantom.contact_sheet import contact_sheet
 from cxrsynth.data.phantom.render import render_image
 from cxrsynth.data.phantom.reports import write_report
 from cxrsynth.data.phantom.sampler import ORIENTATION, VIEW_CODE, PatientTruth, sample_dataset
-from cxrsynth.data.phantom.truth import StudyTruth, finding_anatomy
+from cxrsynth.data.phantom.truth import TRUTH_FILE, StudyTruth, finding_anatomy
 from cxrsynth.io import write_csv, write_jsonl, write_zip
 from cxrsynth.text.chexpert import OBSERVATIONS
 
@@ -137,7 +137,7 @@ def generate(params: FixtureParams, seed: int, root: str | Path, jpg_root: str |
     for base in [root] + ([jpg] if jpg is not None else []):  # last: it lists every file written under the root
         write_checksums(base)
     statements = {k: v for r in results for k, v in r.statements.items()}
-    write_jsonl(extras / "ground_truth.jsonl", ground_truth_records(patients, statements))
+    write_jsonl(extras / TRUTH_FILE, ground_truth_records(patients, statements))
     sheet = contact_sheet(root, patients, impressions, params.contact_sheet_images)
     sheet.save(extras / "contact_sheet.png", optimize=False)
     return dataset_metrics(patients)
@@ -145,7 +145,7 @@ def generate(params: FixtureParams, seed: int, root: str | Path, jpg_root: str |
 
 def _clear_previous_phantom(dirs: list[Path], extras: Path) -> None:
     """Remove an earlier phantom; refuse to touch a non-empty folder that is not one (it may be real data)."""
-    ours = (extras / "ground_truth.jsonl").is_file()
+    ours = (extras / TRUTH_FILE).is_file()
     for d in dirs:
         if d.exists() and any(d.iterdir()):
             if not ours:

@@ -6,8 +6,10 @@ the patient's right is on the image's left on frontal views (radiological conven
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -199,3 +201,22 @@ def finding_anatomy(f: Finding) -> str:
         return f"{both}{side}apex" if f.location == "apical" else f"{both}{side}lateral pleura"
     return {"et_tube": "trachea", "ng_tube": "stomach", "central_line": "superior vena cava",
             "picc": "superior vena cava", "pacemaker": f"{side}chest wall"}[f.kind]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sidecar file: one JSON record per image (`ground_truth_records` writes it; these read it)
+
+TRUTH_FILE = "ground_truth.jsonl"
+
+
+def iter_truth(path: str | Path) -> Iterator[dict]:
+    """The sidecar's records in file order, streamed (a MIMIC-sized sidecar is never held whole)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def truth_by_image(path: str | Path, keep: Callable[[dict], dict] | None = None) -> dict[str, dict]:
+    """dicom_id -> the image's record (or `keep(record)`, what a caller needs of it)."""
+    return {str(r["dicom_id"]): (keep(r) if keep else r) for r in iter_truth(path)}

@@ -1,6 +1,17 @@
-"""Ingest MIMIC-CXR (DICOM) or MIMIC-CXR-JPG into a clean, cached training set.
+"""Stage `ingest`: MIMIC-CXR (DICOM or JPG) -> clean, cached training set.
 
-Reads: the record/study lists (DICOM layout) or the metadata table (JPG layout), the metadata, split and chexpert
+Reads params.yaml (base.num_workers, paths.raw, paths.raw_jpg, paths.interim, ingest.*) and the dataset under
+paths.raw / paths.raw_jpg. Writes paths.interim/{manifest.parquet, rejected.parquet, images_<split>.npy,
+sample_grid.png, release.json} and metrics/ingest.json.
+
+Under DVC the stage depends on the release's fingerprint files (record/study lists, metadata, split and label tables,
+reports zip, each root's SHA256SUMS.txt), not on the image trees: see
+cxrsynth.data.release.release_fingerprint.
+
+Scale-out (cxrsynth.shards): `--shard I/N --out DIR` decodes only shard I of N into the shard folder DIR;
+`--merge DIR...` merges the folders of shards 0..N-1 into the outputs above (or `--out`, `--metrics`).
+
+In detail. Reads: the record/study lists (DICOM layout) or the metadata table (JPG layout), the metadata, split and chexpert
 (or negbio) tables, the reports (beside each study folder, or inside mimic-cxr-reports.zip) and the images.
 Writes: `manifest.parquet` (one row per accepted image, row i of its split's array), `images_<split>.npy` (uint8,
 N x S x S, memory-mappable), `rejected.parquet` (every listed image that was not used, with the reason), a sample
@@ -18,8 +29,8 @@ unsharded run byte for byte (metrics timings aside).
 """
 from __future__ import annotations
 
-import io
 import os
+import sys
 import time
 import zipfile
 from collections import Counter
@@ -33,108 +44,54 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from cxrsynth.config import IngestParams
+from cxrsynth.config import IngestParams, stage_params
 from cxrsynth.data import dicom
-from cxrsynth.data.arrays import NpyRows, iter_chunks
-from cxrsynth.data.layout import (CHECKSUMS, CSV_NAMES, HEADERS, REPORTS_ZIP, SPLITS, file_sha256, image_path,
-                                  report_path)
+from cxrsynth.data.arrays import NpyRows, iter_chunks, shrink_npy
+from cxrsynth.data.layout import CSV_NAMES, REPORTS_ZIP, SPLITS, image_path, report_path
+from cxrsynth.data.release import RELEASE_FILE, IngestError, read_table, release_record
+from cxrsynth.images import to_square
 from cxrsynth.io import write_json
-from cxrsynth.shards import ShardError, check_shards, digest, shard_range, write_shard
+from cxrsynth.shards import ShardError, check_shards, digest, shard_range, stage_arguments, write_shard
 from cxrsynth.text.chexpert import OBSERVATIONS
 from cxrsynth.text.deid import redact
 from cxrsynth.text.sections import section_report
 from cxrsynth.viz import image_grid
 
+
+def main(argv: list[str] | None = None) -> None:
+    params = stage_params()
+    try:
+        args, shard = stage_arguments("python -m stages.ingest", __doc__.split("\n")[0], "paths.interim",
+                                      "<paths.metrics>/ingest.json", argv)
+        out = args.out or params.paths.interim
+        if shard is not None:
+            index, count = shard
+            info = ingest_shard(params.ingest, params.paths.raw, params.paths.raw_jpg, out,
+                                workers=params.base.num_workers, index=index, count=count)
+            print(f"ingest shard {index}/{count}: candidates [{info['start']}, {info['stop']}) of {info['n']} -> {out}")
+            return
+        if args.merge:
+            metrics = merge_ingest(params.ingest, args.merge, out)
+        else:
+            metrics = ingest(params.ingest, params.paths.raw, params.paths.raw_jpg, out,
+                             workers=params.base.num_workers)
+    except (IngestError, ShardError) as e:
+        print(f"ingest error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    write_json(args.metrics or Path(params.paths.metrics) / "ingest.json", metrics)
+    print(f"ingest: read {metrics['read']} = accepted {metrics['accepted']} + rejected {metrics['rejected']} "
+          f"({metrics['rejected_by_reason']}); {metrics['images_per_second']} images/s; release "
+          f"{metrics['release_sha256']}")
+
+
+if __name__ == "__main__":
+    main()
+
+
 SECTION_COLUMNS = ("impression", "findings", "last_paragraph", "comparison", "indication")
+
+
 IDS = ("subject_id", "study_id", "dicom_id")
-
-
-RELEASE_FILE = "release.json"
-# The files that fingerprint an immutable release, per root (key: the params.yaml path they live under). Each table
-# counts gzipped or plain, as read_table reads it; SHA256SUMS.txt stands for everything else, the image trees included.
-RELEASE_TABLES = {"raw": ("records", "studies", "metadata", "split", "chexpert", "negbio"),
-                  "raw_jpg": ("metadata", "split", "chexpert", "negbio")}
-RELEASE_EXTRAS = {"raw": (REPORTS_ZIP, CHECKSUMS), "raw_jpg": (CHECKSUMS,)}
-
-
-class IngestError(RuntimeError):
-    """The input as a whole is unusable (a required file or column is missing); one line naming it."""
-
-
-def release_files(root: str | Path, jpg_root: str | Path, source: str) -> dict[str, Path]:
-    """The fingerprint files that exist, as {'raw/<name>' | 'raw_jpg/<name>': path}. With source jpg the DICOM root's
-    copies of the metadata, split and label tables are left out (ingest then reads those from the JPG root only)."""
-    roots = {"raw": Path(root), "raw_jpg": Path(jpg_root)}
-    found: dict[str, Path] = {}
-    for key, base in roots.items():
-        tables = [t for t in RELEASE_TABLES[key]
-                  if not (source == "jpg" and key == "raw" and t not in ("records", "studies"))]
-        names = [n for t in tables for n in (CSV_NAMES[t], CSV_NAMES[t].removesuffix(".gz"))]
-        for name in names + list(RELEASE_EXTRAS[key]):
-            if (base / name).is_file():
-                found[f"{key}/{name}"] = base / name
-    return found
-
-
-def release_fingerprint(root: str | Path, jpg_root: str | Path, source: str) -> dict[str, str]:
-    """{relative name: sha256} of the release's fingerprint files that exist (`release_files`), sorted by name. It
-    changes when a table, the reports zip or a SHA256SUMS.txt changes; an image under files/ changes it only through
-    its root's SHA256SUMS.txt (the accepted trade-off for not hashing terabytes)."""
-    return {k: file_sha256(p) for k, p in sorted(release_files(root, jpg_root, source).items())}
-
-
-def release_record(root: str | Path, jpg_root: str | Path, source: str) -> dict:
-    """What release.json holds: the source, the fingerprint and its combined sha256 (`digest` of the fingerprint)."""
-    files = release_fingerprint(root, jpg_root, source)
-    return {"source": source, "files": files, "sha256": digest(files)}
-
-
-def shrink_npy(path: str | Path, n: int) -> None:
-    """Cut a C-order .npy file to its first n rows in place: rewrite the header with the new length along axis 0,
-    keeping its byte length (numpy leaves room for 21 digits there, and anything shorter is padded with spaces before
-    the closing newline, which the format allows), then truncate the data. The result is byte-identical to what
-    `np.lib.format.open_memmap(path, 'w+', shape=(n, ...))` filled with those rows writes. n > rows raises."""
-    fmt = np.lib.format
-    with open(path, "r+b") as f:
-        version = fmt.read_magic(f)
-        read, write = {(1, 0): (fmt.read_array_header_1_0, fmt.write_array_header_1_0),
-                       (2, 0): (fmt.read_array_header_2_0, fmt.write_array_header_2_0)}.get(version, (None, None))
-        if read is None:
-            raise ValueError(f"{path}: .npy format version {version} not supported")
-        shape, fortran, dtype = read(f)
-        offset = f.tell()
-        if not shape or (fortran and len(shape) > 1) or dtype.hasobject:
-            raise ValueError(f"{path}: only C-order arrays of at least one dimension, without objects, can shrink")
-        if not 0 <= n <= shape[0]:
-            raise ValueError(f"{path}: cannot shrink {shape[0]} rows to {n}")
-        buf = io.BytesIO()
-        write(buf, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, *shape[1:])})
-        header = buf.getvalue()
-        if len(header) > offset:
-            raise ValueError(f"{path}: the header for {n} rows would not fit in place")  # cannot happen: n <= rows
-        if len(header) < offset:  # a numpy without growth room: pad before the newline, fix the length field
-            size = 2 if version == (1, 0) else 4
-            body = header[8 + size:-1] + b" " * (offset - len(header)) + b"\n"
-            header = header[:8] + len(body).to_bytes(size, "little") + body
-        f.seek(0)
-        f.write(header)
-        f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-
-
-def read_table(root: Path | list[Path], name: str) -> pd.DataFrame:
-    """A MIMIC table by key of CSV_NAMES, gzipped or not, from the first root that has it; extra columns are
-    tolerated, missing ones are fatal."""
-    roots = root if isinstance(root, list) else [root]
-    fname = CSV_NAMES[name]
-    candidates = [r / n for r in roots for n in (fname, fname.removesuffix(".gz"))]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise IngestError(f"{candidates[0]}: required file missing")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    need = [c for c in HEADERS[name] if c not in df.columns]
-    if need:
-        raise IngestError(f"{path}: required column {need[0]!r} missing")
-    return df
 
 
 def _reject_frame(rows: list[dict]) -> pd.DataFrame:
@@ -275,30 +232,6 @@ def collect(params: IngestParams, root: Path, jpg_root: Path) -> Candidates:
     return Candidates(df.reset_index(drop=True), rejected, read, redactions, reports_redacted)
 
 
-def place_square(img: np.ndarray, size: int, mode: str,
-                 resample: Image.Resampling = Image.Resampling.LANCZOS) -> np.ndarray:
-    """A float image resized to size x size keeping its aspect ratio: pad (centred, zeros around) or crop (centre).
-    The one geometry of stored images; anything mapped onto them (e.g. ground-truth regions) goes through it."""
-    h, w = img.shape
-    scale = size / max(h, w) if mode == "pad" else size / min(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((nw, nh), resample))
-    out = np.zeros((size, size), np.float32)
-    if mode == "pad":
-        y, x = (size - nh) // 2, (size - nw) // 2
-        out[y:y + nh, x:x + nw] = small
-    else:
-        y, x = (nh - size) // 2, (nw - size) // 2
-        out = small[y:y + size, x:x + size]
-    return out
-
-
-def to_square(img: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Resize a [0,1] image to size x size keeping its aspect ratio (pad with black, or centre-crop),
-    anti-aliased (Lanczos on float data), returned as uint8."""
-    return (np.clip(place_square(img, size, mode), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def load_image(path: Path, source: str, voi: str) -> np.ndarray:
     """Display image in [0,1] (air dark, bone bright) from a DICOM or a MIMIC-CXR-JPG file."""
     if source == "jpg":
@@ -432,9 +365,6 @@ def ingest(params: IngestParams, root: str | Path, jpg_root: str | Path, out: st
                       "seconds": round(time.perf_counter() - t0, 2)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# shards (cxrsynth.shards): the work list is the candidate table after `collect`, in its order
-
 def _work_sha256(cand: Candidates) -> str:
     return digest([cand.table.to_dict(orient="split"), cand.rejected, cand.read, cand.redactions,
                    cand.reports_redacted])
@@ -530,8 +460,3 @@ def _grid(manifest: pd.DataFrame, out: Path, n: int) -> None:
     caps = [f"{r.split} {r.view} | {r.impression or r.findings or r.last_paragraph}" for r in pick.itertuples()]
     image_grid(imgs, caps, cols=6, tile=192, title="ingested images (as stored) with their impressions").save(
         out / "sample_grid.png")
-
-
-def load_split(out: str | Path, split: str) -> np.ndarray:
-    """The memory-mapped uint8 image array of a split (row i = manifest row with image_row i of that split)."""
-    return np.load(Path(out) / f"images_{split}.npy", mmap_mode="r")

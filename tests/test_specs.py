@@ -12,7 +12,7 @@ from cxrsynth.config import FixtureParams
 from cxrsynth.data.phantom.reports import write_report
 from cxrsynth.data.phantom.sampler import sample_dataset
 from cxrsynth.text.findings import extract_findings
-from cxrsynth.text.prompting import (PromptError, PromptSpec, Term, Vocabulary, mine_vocabulary, round_trip,
+from cxrsynth.text.specs import (PromptError, PromptSpec, Term, Vocabulary, mine_vocabulary, round_trip,
                                      sample_spec, spec_from_findings, term_set, validate_spec)
 from cxrsynth.text.writers import HFWriter, HTTPWriter, TemplateWriter, diversity, instruction
 

@@ -1,4 +1,15 @@
-"""Stage logic of `evaluate`: score the synthetic images on fidelity, semantic consistency, alignment, utility and
+"""Stage `evaluate`: score the synthetic images (fidelity, semantic consistency, alignment, utility, privacy and, on
+the phantom, geometry) against the real data and the reference floors.
+
+Reads: params.yaml (base, paths, classifier, evaluate), `<synthetic>/` (manifest.parquet, images.npy, tokens.npy if
+present), `<interim>/` (real images and manifest), `<tokens>/` (real test token grids), `<models>/classifier`,
+`<models>/vqgan`, `<models>/align`, `<phantom>/ground_truth.jsonl` (phantom only).
+Writes: `<evaluation>/items.parquet` (the per-item table, `cxrsynth.eval.items`), `<metrics>/evaluate.json` (one
+number per stable key, headline numbers with `/lo`, `/hi`, `/n`; see README "Stage evaluate"),
+`<metrics>/summary.json` (the headline numbers that say whether a run is better, `cxrsynth.eval.headlines`) and the PNGs
+`<metrics>/evaluate_roc.png`, `evaluate_samples.png`, `evaluate_label_examples.png`, `evaluate_closest_pairs.png`.
+
+Stage logic of `evaluate`: score the synthetic images on fidelity, semantic consistency, alignment, utility and
 privacy (CheXGenBench's three axes plus the paper's claim), and, on the phantom, check the findings against the
 phantom's known geometry.
 
@@ -30,126 +41,60 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
-import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cxrsynth.config import ClassifierParams, EvaluateParams
-from cxrsynth.data.arrays import Concat, iter_chunks, split_images
-from cxrsynth.eval.features import (FeatureExtractor, Features, Resized, TorchScriptFeatures, extract, resize,
-                                    to_image_tensor)
-from cxrsynth.eval.geometry import find_lungs, measure_ctr
-from cxrsynth.eval.items import frame, write_items
+from cxrsynth.config import ClassifierParams, EvaluateParams, stage_params
+from cxrsynth.data.arrays import Concat, LabeledImages, RealSplit, iter_chunks, load_real
+from cxrsynth.data.phantom.truth import TRUTH_FILE, truth_by_image
+from cxrsynth.data.synthetic import SyntheticSet, load_synthetic
+from cxrsynth.eval import headlines
+from cxrsynth.eval.features import FeatureExtractor, Features, Resized, TorchScriptFeatures, extract
+from cxrsynth.eval.geometry import geometry_block, measure_geometry, one_sided_effusion
+from cxrsynth.eval.items import ITEMS_FILE, frame, read_items, write_items
 from cxrsynth.eval.metrics import (Memorization, closest_pairs_grid, fidelity, macro_auroc, nearest, per_label_auroc,
                                    pixel_vectors, same_extractor)
-from cxrsynth.keypatches import terms_from_json
-from cxrsynth.models.classifier import Classifier, LabeledImages, eval_targets, fit, save_roc_png
+from cxrsynth.eval.pictures import Pictures, label_examples_grid, sample_grid
+from cxrsynth.images import resize, to_image_tensor
+from cxrsynth.io import json_number, write_json
+from cxrsynth.models.classifier import Classifier, fit, save_roc_png
+from cxrsynth.text.chexpert import eval_targets
 from cxrsynth.text.chexpert import OBSERVATIONS
-from cxrsynth.viz import image_grid
-
-SYNTHETIC_MANIFEST = "manifest.parquet"
-SYNTHETIC_IMAGES = "images.npy"
-SYNTHETIC_TOKENS = "tokens.npy"
-REQUIRED_COLUMNS = ("synthetic_id", "prompt_id", "kind", "text", "view", "terms", "source_dicom_id",
-                    *OBSERVATIONS)
+from cxrsynth.train import pick_device
 
 
-class EvaluateError(ValueError):
-    """An input the evaluation cannot use; the message names the file and the problem."""
+def main() -> None:
+    params = stage_params()
+    paths = params.paths
+    t0 = time.perf_counter()
+    device = pick_device(params.base.device)
+    items = Path(paths.evaluation) / ITEMS_FILE
+    metrics = evaluate_all(params.evaluate, params.classifier, synthetic_dir=paths.synthetic, interim=paths.interim,
+                           tokens_dir=paths.tokens, models=paths.models, phantom=paths.phantom,
+                           pictures=Pictures.under(paths.metrics), seed=params.base.seed, device=device.type,
+                           items_path=items)
+    metrics, summary = headlines.with_intervals(metrics, read_items(items), n_boot=params.evaluate.bootstrap,
+                                                seed=params.base.seed)
+    synth = Path(paths.metrics) / "synthesize.json"
+    summary["synthesis_images_per_second"] = json.loads(synth.read_text()).get("images_per_second") \
+        if synth.is_file() else None
+    summary["n_synthetic"] = metrics["n_synthetic"]
+    write_json(Path(paths.metrics) / "evaluate.json", metrics)
+    write_json(Path(paths.metrics) / "summary.json", summary)
+    print(f"evaluate: FID {metrics.get('fidelity/classifier/fid')} (floor {metrics.get('floor/classifier/fid')}), "
+          f"semantic macro AUROC {metrics.get('semantic/macro_auroc')}, alignment gap {metrics.get('alignment/gap')}, "
+          f"utility synthetic-only {metrics.get('utility/synthetic/macro_auroc')} vs real "
+          f"{metrics.get('utility/real/macro_auroc')}, near copies {metrics.get('privacy/near_copy_rate')} "
+          f"in {time.perf_counter() - t0:.0f} s")
 
 
-def _num(v: float | int | None, nd: int = 6) -> float | None:
-    """JSON-safe rounded number: None for None / NaN / inf."""
-    if v is None:
-        return None
-    v = float(v)
-    return round(v, nd) if math.isfinite(v) else None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inputs
-
-@dataclass(frozen=True)
-class SyntheticSet:
-    """The synthesize stage's output: one manifest row per image, images (uint8 N x S x S) in row order, and their
-    token grids when synthesize wrote them."""
-
-    manifest: pd.DataFrame
-    images: np.ndarray
-    tokens: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.manifest) != len(self.images):
-            raise EvaluateError(f"synthetic manifest has {len(self.manifest)} rows but there are "
-                                f"{len(self.images)} images")
-        if self.tokens is not None and len(self.tokens) != len(self.images):
-            raise EvaluateError(f"{len(self.tokens)} token grids for {len(self.images)} synthetic images")
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.manifest[list(OBSERVATIONS)].to_numpy(dtype=np.float64)
-
-    @property
-    def texts(self) -> list[str]:
-        return [str(t) for t in self.manifest["text"]]
-
-    @property
-    def size(self) -> int:
-        return int(self.images.shape[-1])
-
-
-def load_synthetic(directory: str | Path) -> SyntheticSet:
-    """Read `<directory>/manifest.parquet`, `images.npy` (uint8 N x S x S) and `tokens.npy` if present."""
-    directory = Path(directory)
-    man_path, img_path = directory / SYNTHETIC_MANIFEST, directory / SYNTHETIC_IMAGES
-    for p in (man_path, img_path):
-        if not p.is_file():
-            raise EvaluateError(f"{p}: missing (run the synthesize stage)")
-    manifest = pd.read_parquet(man_path).reset_index(drop=True)
-    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
-    if missing:
-        raise EvaluateError(f"{man_path}: missing columns {missing}")
-    images = np.load(img_path, allow_pickle=False)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1] != images.shape[2]:
-        raise EvaluateError(f"{img_path}: expected uint8 N x S x S, got {images.dtype} {list(images.shape)}")
-    tokens = None
-    if (directory / SYNTHETIC_TOKENS).is_file():
-        tokens = np.load(directory / SYNTHETIC_TOKENS, allow_pickle=False)
-        if tokens.ndim != 3:
-            raise EvaluateError(f"{directory / SYNTHETIC_TOKENS}: expected N x H x W token grids, got "
-                                f"{list(tokens.shape)}")
-    return SyntheticSet(manifest, images, tokens)
-
-
-@dataclass(frozen=True)
-class RealSplit:
-    """One split of the ingested real data: images (uint8 N x S x S, read per batch from the file: `NpyRows`),
-    label values, manifest rows in image order."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    rows: pd.DataFrame
-
-    def labeled(self) -> LabeledImages:
-        return LabeledImages(self.images, self.labels)
-
-
-def load_real(interim: str | Path, split: str) -> RealSplit:
-    """A split's images and manifest rows, row-aligned via `image_row`."""
-    manifest = pd.read_parquet(Path(interim) / "manifest.parquet",
-                               columns=["split", "image_row", "dicom_id", *OBSERVATIONS])
-    rows = manifest[manifest.split == split].sort_values("image_row").reset_index(drop=True)
-    images = split_images(interim, split)
-    if len(rows) != len(images) or not (rows.image_row.to_numpy() == np.arange(len(images))).all():
-        raise EvaluateError(f"{interim}: manifest rows of split {split!r} do not match images_{split}.npy")
-    return RealSplit(images, rows[list(OBSERVATIONS)].to_numpy(dtype=np.float64), rows)
+if __name__ == "__main__":
+    main()
 
 
 def to_size(images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
@@ -172,9 +117,6 @@ def counterparts(synthetic: pd.DataFrame, real_test: pd.DataFrame) -> tuple[np.n
     return np.asarray(a, int), np.asarray(b, int)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# fidelity
-
 def fidelity_block(real_test: Features, candidates: dict[str, Features], *, k: int, kid_subsets: int,
                    kid_subset_size: int, seed: int, tag: str) -> dict:
     """FID, KID, precision/recall/density/coverage of each candidate set against the real test features.
@@ -185,7 +127,7 @@ def fidelity_block(real_test: Features, candidates: dict[str, Features], *, k: i
     for name, feats in candidates.items():
         r = fidelity(real_test, feats, k=k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
         for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage"):
-            out[f"{name}/{tag}/{key}"] = _num(r[key])
+            out[f"{name}/{tag}/{key}"] = json_number(r[key])
         out[f"{name}/{tag}/n"] = r["n_fake"]
         out[f"{name}/{tag}/extractor"] = r["extractor"]
     return out
@@ -198,9 +140,6 @@ def subsample(n_total: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# semantic consistency
-
 def auroc_block(prefix: str, targets: np.ndarray, probs: np.ndarray, labels: Sequence[str], *, min_count: int,
                 n_boot: int, seed: int) -> tuple[dict, dict]:
     """Per-label AUROC (`<prefix>/auroc/<label>`, None where a class is missing), positives, and the macro AUROC over
@@ -211,9 +150,9 @@ def auroc_block(prefix: str, targets: np.ndarray, probs: np.ndarray, labels: Seq
     out: dict = {}
     for j, name in enumerate(labels):
         r = per.get(name)
-        out[f"{prefix}/auroc/{name}"] = _num(r.auroc, 4) if r else None
+        out[f"{prefix}/auroc/{name}"] = json_number(r.auroc, 4) if r else None
         out[f"{prefix}/positives/{name}"] = int(np.nansum(targets[:, j] == 1.0))
-    out[f"{prefix}/macro_auroc"] = _num(macro, 4)
+    out[f"{prefix}/macro_auroc"] = json_number(macro, 4)
     out[f"{prefix}/macro_auroc_labels"] = len(used)
     return out, per
 
@@ -231,12 +170,9 @@ def agreement(probs_a: np.ndarray, probs_b: np.ndarray, threshold: float = 0.5) 
     for j in range(a.shape[1]):
         if len(a) > 2 and a[:, j].std() > 1e-9 and b[:, j].std() > 1e-9:
             rs.append(float(np.corrcoef(a[:, j], b[:, j])[0, 1]))
-    return {"corr": _num(np.mean(rs)) if rs else None, "mae": _num(np.abs(a - b).mean()),
-            "decision": _num(((a >= threshold) == (b >= threshold)).mean()), "corr_labels": len(rs)}
+    return {"corr": json_number(np.mean(rs)) if rs else None, "mae": json_number(np.abs(a - b).mean()),
+            "decision": json_number(((a >= threshold) == (b >= threshold)).mean()), "corr_labels": len(rs)}
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# alignment
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     """A random permutation with no fixed point (n >= 2): every text is paired with another image."""
@@ -263,13 +199,10 @@ def alignment_block(score: Callable[[list[str], np.ndarray], np.ndarray], texts:
     shuffled = np.stack([np.asarray(score(texts, np.asarray(grids)[derangement(len(texts), rng)]), np.float64)
                          for _ in range(max(1, shuffles))])
     other = shuffled.mean(axis=0)
-    return {f"{prefix}/matched_mean": _num(matched.mean()), f"{prefix}/shuffled_mean": _num(other.mean()),
-            f"{prefix}/gap": _num(matched.mean() - other.mean()), f"{prefix}/win_rate": _num((matched > other).mean()),
+    return {f"{prefix}/matched_mean": json_number(matched.mean()), f"{prefix}/shuffled_mean": json_number(other.mean()),
+            f"{prefix}/gap": json_number(matched.mean() - other.mean()), f"{prefix}/win_rate": json_number((matched > other).mean()),
             f"{prefix}/n": len(texts)}
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# utility
 
 UTILITY_ARMS = ("real", "synthetic", "real_plus_synthetic")
 
@@ -316,16 +249,13 @@ def utility_block(params: ClassifierParams, train: LabeledImages, synthetic: Lab
                                  seed=seed)
         out.update({k: v for k, v in block.items() if "/positives/" not in k})
         rare_vals = [per[n].auroc for n in rare_names if n in per]
-        out[f"utility/{arm}/rare_macro_auroc"] = _num(np.mean(rare_vals), 4) if rare_vals else None
+        out[f"utility/{arm}/rare_macro_auroc"] = json_number(np.mean(rare_vals), 4) if rare_vals else None
         out[f"utility/{arm}/n_train"] = len(sets[arm].images)
     for key in ("macro_auroc", "rare_macro_auroc"):
         a, b = out.get(f"utility/real_plus_synthetic/{key}"), out.get(f"utility/real/{key}")
-        out[f"utility/gain/{key}"] = _num(a - b, 4) if a is not None and b is not None else None
+        out[f"utility/gain/{key}"] = json_number(a - b, 4) if a is not None and b is not None else None
     return out
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# privacy
 
 def nearest_in_stream(queries: Sequence[np.ndarray], reference, to_vectors: Callable[[np.ndarray], np.ndarray],
                       rows: int = 1024) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -369,174 +299,18 @@ def privacy_block(report: Memorization, test_to_train_feature: np.ndarray) -> di
     """Near-copy rates and nearest-neighbour distances (`cxrsynth.eval.metrics.memorization`), with the real test
     images' own median distance to the training set as the reference."""
     s = report.summary()
-    out = {f"privacy/{k}": _num(v) if isinstance(v, float) else v for k, v in s.items()}
-    out["privacy/expected_near_copy_rate"] = _num(report.percentile / 100.0)
-    out["privacy/reference_median_nn_feature"] = _num(np.median(test_to_train_feature))
+    out = {f"privacy/{k}": json_number(v) if isinstance(v, float) else v for k, v in s.items()}
+    out["privacy/expected_near_copy_rate"] = json_number(report.percentile / 100.0)
+    out["privacy/reference_median_nn_feature"] = json_number(np.median(test_to_train_feature))
     return out
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# phantom geometry
 
 def load_truth(path: str | Path) -> dict[str, dict]:
-    """The phantom sidecar as dicom_id -> {ctr, findings: [{kind, side}]} (only what the checks use)."""
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                out[str(r["dicom_id"])] = {"ctr": r.get("ctr"), "view": r.get("view"),
+    """The phantom sidecar as dicom_id -> {ctr, view, findings: [{kind, side}]} (only what the checks use)."""
+    return truth_by_image(path, lambda r: {"ctr": r.get("ctr"), "view": r.get("view"),
                                            "findings": [{"kind": x.get("kind"), "side": x.get("side")}
-                                                        for x in r.get("findings", [])]}
-    return out
+                                                        for x in r.get("findings", [])]})
 
-
-def effusion_asymmetry(image: np.ndarray) -> float:
-    """Basal density of the image-left hemithorax minus that of the image-right one (> 0: the patient's right base is
-    denser, as with a right pleural effusion on a frontal view).
-
-    The box spans the lower quarter of the lung fields down to just below them, from the lateral lung margin to 20%
-    of the thoracic width short of the midline, mirrored about the midline of the lung fields (`find_lungs`); if the
-    lungs cannot be found, fixed fractions of the image. Calibrated on the phantom's real images: the sign gives the
-    side of a one-sided effusion in about 80% of them at 64 px."""
-    img = np.asarray(image, np.float32)
-    if np.asarray(image).dtype == np.uint8:
-        img = img / 255.0
-    try:
-        lf = find_lungs(img)
-    except ValueError:
-        h, w = img.shape
-        y0, y1, x0, x1 = int(0.5 * h), int(0.85 * h), int(0.08 * w), int(0.42 * w)
-        return float(img[y0:y1, x0:x1].mean() - img[y0:y1, w - x1:w - x0].mean())
-    work, union = lf.image, lf.left | lf.right
-    ys, xs = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
-    y0, y1, x0, x1 = ys[0], ys[-1], xs[0], xs[-1]
-    mid, h, wd = (x0 + x1) / 2.0, y1 - y0, x1 - x0
-    ya, yb = int(y0 + 0.75 * h), int(min(work.shape[0], y1 + 0.15 * h))
-    xa, xb = int(x0), int(mid - 0.2 * wd)
-    if yb <= ya or xb <= xa:
-        return float("nan")
-    left = work[ya:yb, xa:xb].mean()
-    right = work[ya:yb, int(2 * mid - xb):int(2 * mid - xa)].mean()
-    return float(left - right)
-
-
-def one_sided_effusion(terms_json) -> str | None:
-    """'left' or 'right' when the prompt asks for a definite pleural effusion on exactly one side, else None."""
-    sides = {t.side for t in terms_from_json(terms_json) if "effusion" in t.pathology and t.certainty == "present"}
-    return next(iter(sides)) if len(sides) == 1 and sides <= {"left", "right"} else None
-
-
-def _auc(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    pos, neg = pos[np.isfinite(pos)], neg[np.isfinite(neg)]
-    if not len(pos) or not len(neg):
-        return None
-    from cxrsynth.eval.metrics import auroc
-
-    return auroc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
-
-
-def geometry_block(prefix: str, ctrs: np.ndarray, asked: np.ndarray, sides: Sequence[str | None],
-                   asymmetry: np.ndarray) -> dict:
-    """Cardiothoracic ratio by group (cardiomegaly asked / not asked: mean, share > 0.5, AUROC of the CTR as a
-    score, share unmeasurable) and the share of one-sided effusions whose denser base is on the asked side."""
-    ctrs, asked = np.asarray(ctrs, np.float64), np.asarray(asked, bool)
-    out: dict = {}
-    for name, m in (("asked", asked), ("not_asked", ~asked)):
-        v = ctrs[m & np.isfinite(ctrs)]
-        out[f"{prefix}/ctr_mean_{name}"] = _num(v.mean()) if len(v) else None
-        out[f"{prefix}/ctr_enlarged_rate_{name}"] = _num((v > 0.5).mean()) if len(v) else None
-        out[f"{prefix}/n_{name}"] = int(m.sum())
-    out[f"{prefix}/ctr_auroc"] = _num(_auc(ctrs[asked], ctrs[~asked]), 4)
-    out[f"{prefix}/ctr_unmeasurable_rate"] = _num((~np.isfinite(ctrs)).mean()) if len(ctrs) else None
-    want = np.array([{"right": 1.0, "left": -1.0}.get(s or "", np.nan) for s in sides])
-    asym = np.asarray(asymmetry, np.float64)
-    ok = np.isfinite(want) & np.isfinite(asym)
-    out[f"{prefix}/effusion_side_accuracy"] = _num((np.sign(asym[ok]) == want[ok]).mean()) if ok.any() else None
-    out[f"{prefix}/effusion_n"] = int(ok.sum())
-    return out
-
-
-def measure_geometry(images: np.ndarray, sides: Sequence[str | None], progress: bool = False) -> tuple[np.ndarray,
-                                                                                                      np.ndarray]:
-    """(CTR per image, effusion asymmetry per image where a side is asked, else NaN)."""
-    from tqdm import tqdm
-
-    ctr = np.full(len(images), np.nan)
-    asym = np.full(len(images), np.nan)
-    for i in tqdm(range(len(images)), desc="geometry", disable=not progress, leave=False):
-        ctr[i] = measure_ctr(images[i])
-        if sides[i] is not None:
-            asym[i] = effusion_asymmetry(images[i])
-    return ctr, asym
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# pictures
-
-def text_tile(text: str, tile: int = 160, chars: int | None = None) -> np.ndarray:
-    """A white uint8 tile with `text` wrapped in black (the prompt column of the sample grid)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    im = Image.new("L", (tile, tile), 255)
-    draw = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
-    lines = []
-    for para in str(text).splitlines():
-        lines += textwrap.wrap(para, chars or max(10, tile // 6)) or [""]
-    for k, line in enumerate(lines[: max(1, (tile - 4) // 11)]):
-        draw.text((3, 2 + 11 * k), line, fill=0, font=font)
-    return np.asarray(im)
-
-
-def sample_grid(synthetic: SyntheticSet, train_images: np.ndarray, nn_index: np.ndarray, nn_dist: np.ndarray,
-                rows: int, tile: int = 160):
-    """Rows of (prompt | synthetic image | nearest real training image in feature space), spread over the set."""
-    pick = np.unique(np.linspace(0, len(synthetic.images) - 1, num=min(rows, len(synthetic.images))).astype(int))
-    images, captions = [], []
-    for i in pick:
-        r = synthetic.manifest.iloc[i]
-        j = int(nn_index[i])
-        images += [text_tile(r["text"], tile), synthetic.images[i], train_images[j]]
-        captions += [f"prompt {r['prompt_id']} ({r['kind']}, {r['view']})", f"synthetic {r['synthetic_id']}",
-                     f"nearest train #{j} (feature d={nn_dist[i]:.3g})"]
-    return image_grid(images, captions, cols=3, tile=tile, caption_lines=2,
-                      title="prompt | synthetic | nearest real training image")
-
-
-def label_examples_grid(synthetic: SyntheticSet, probs: np.ndarray, real: RealSplit, real_images: np.ndarray,
-                        per_label: int, tile: int = 128):
-    """One row per label asked by some prompt: a real test image with that label, then synthetic images whose prompt
-    asks for it (highest first by the classifier's probability), captioned with that probability."""
-    labels = synthetic.labels
-    images, captions = [], []
-    for j, name in enumerate(OBSERVATIONS):
-        asked = np.flatnonzero(labels[:, j] == 1.0)
-        if not len(asked):
-            continue
-        real_pos = np.flatnonzero(real.labels[:, j] == 1.0)
-        if len(real_pos):
-            images.append(real_images[real_pos[0]])
-            captions.append(f"{name}: real test #{real_pos[0]}")
-        else:
-            images.append(np.zeros_like(synthetic.images[0]))
-            captions.append(f"{name}: no real test example")
-        chosen = asked[np.argsort(-probs[asked, j], kind="stable")][:per_label]
-        for i in chosen:
-            images.append(synthetic.images[i])
-            captions.append(f"{synthetic.manifest.iloc[i]['synthetic_id']} p={probs[i, j]:.2f}")
-        for _ in range(per_label - len(chosen)):
-            images.append(np.full_like(synthetic.images[0], 255))
-            captions.append("")
-    if not images:
-        images, captions = [np.full_like(synthetic.images[0], 255)], ["no prompt asks for any label"]
-    return image_grid(images, captions, cols=1 + per_label, tile=tile, caption_lines=2,
-                      title="per label: a real test example, then synthetic images whose prompt asks for it "
-                            "(p = classifier probability)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the per-item table
 
 def item_frames(synthetic: SyntheticSet, test: RealSplit, feats: dict[str, Features], floor_idx: np.ndarray,
                 probs: np.ndarray, test_probs: np.ndarray, s_idx: np.ndarray, r_idx: np.ndarray, mem: Memorization,
@@ -570,25 +344,6 @@ def item_frames(synthetic: SyntheticSet, test: RealSplit, feats: dict[str, Featu
             frame("floor", [f"floor:{i}" for i in floor_idx], [str(i) for i in floor_idx],
                   feats["train"].values[floor_idx]),
             frame("ceiling", [f"ceiling:{i}" for i in floor_idx], [str(i) for i in floor_idx], feats["recon"].values)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the whole evaluation
-
-@dataclass(frozen=True)
-class Pictures:
-    """Output PNG paths."""
-
-    roc: Path
-    samples: Path
-    label_examples: Path
-    closest_pairs: Path
-
-    @classmethod
-    def under(cls, metrics_dir: str | Path) -> Pictures:
-        d = Path(metrics_dir)
-        return cls(d / "evaluate_roc.png", d / "evaluate_samples.png", d / "evaluate_label_examples.png",
-                   d / "evaluate_closest_pairs.png")
 
 
 def synthetic_tokens(synthetic: SyntheticSet, vqgan) -> np.ndarray:
@@ -726,7 +481,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
         pictures.label_examples)
 
     # -- phantom geometry -----------------------------------------------------------------------------------------
-    truth_path = Path(phantom) / "ground_truth.jsonl"
+    truth_path = Path(phantom) / TRUTH_FILE
     geo: dict = {}
     gkeys = ("ctr_mean_asked", "ctr_mean_not_asked", "ctr_enlarged_rate_asked", "ctr_enlarged_rate_not_asked",
              "n_asked", "n_not_asked", "ctr_auroc", "ctr_unmeasurable_rate", "effusion_side_accuracy", "effusion_n")
@@ -753,7 +508,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
                                       r_sides, r_asym))
         true_ctr = np.array([np.nan if recs[j]["ctr"] is None else float(recs[j]["ctr"]) for j in r_idx])
         ok = np.isfinite(true_ctr) & np.isfinite(ctr[s_idx]) if len(s_idx) else np.zeros(0, bool)
-        metrics["phantom/paired_ctr_corr"] = _num(np.corrcoef(ctr[s_idx][ok], true_ctr[ok])[0, 1]) \
+        metrics["phantom/paired_ctr_corr"] = json_number(np.corrcoef(ctr[s_idx][ok], true_ctr[ok])[0, 1]) \
             if ok.sum() > 2 else None
     log(f"evaluate: privacy and phantom geometry done ({time.perf_counter() - t_start:.0f} s)")
 

@@ -1,16 +1,17 @@
-"""The `prompts` stage's work: findings for every ingested report, the mined vocabulary, written prompts, and
-the measured quality of all three.
+"""Stage `prompts`: the anatomy-pathology prompting module.
 
-Reads the ingest manifest (report text, split, labels) and, on the phantom, its ground-truth sidecar (the
-writer's statements with their CheXpert mentions). Writes vocab.json, findings.parquet and prompts.parquet under
-`out`, and returns the metrics (flat keys for `dvc metrics diff`).
+Reads params.yaml (base.seed, paths.interim, paths.phantom, paths.prompts, prompts.*), the ingest manifest and, when
+present, the phantom's ground-truth sidecar. Writes paths.prompts/{vocab.json, findings.parquet, prompts.parquet}
+and metrics/prompts.json.
+
+The work: findings for every ingested report, the mined vocabulary, written prompts, and the measured quality of
+all three (`run` returns the metrics, flat keys for `dvc metrics diff`).
 """
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,14 +21,31 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cxrsynth.config import PromptsParams
+from cxrsynth.config import PromptsParams, stage_params
+from cxrsynth.data.phantom.truth import TRUTH_FILE, iter_truth
+from cxrsynth.io import write_json
 from cxrsynth.text.chexpert import OBSERVATIONS, Mention, aggregate
 from cxrsynth.text.findings import Finding, extract_findings
 from cxrsynth.text.labels import chexpert_labels, chexpert_mentions
-from cxrsynth.text.prompting import PromptSpec, Vocabulary, mine_vocabulary, round_trip, sample_spec, \
-    spec_from_findings
+from cxrsynth.text.specs import PromptSpec, mine_vocabulary, round_trip, sample_spec, spec_from_findings
 from cxrsynth.text.vocab import PATHOLOGIES
 from cxrsynth.text.writers import diversity, make_writer
+
+
+def main() -> None:
+    params = stage_params()
+    sidecar = Path(params.paths.phantom) / TRUTH_FILE
+    metrics = run(params.prompts, params.base.seed, Path(params.paths.interim) / "manifest.parquet",
+                  Path(params.paths.prompts), sidecar if sidecar.is_file() else None)
+    write_json(Path(params.paths.metrics) / "prompts.json", metrics)
+    keys = ("prompts/round_trip_exact", "labels/macro_agreement", "extraction/present/macro_f1",
+            "extraction/absent/macro_f1", "extraction/uncertain/macro_f1")
+    print("prompts: " + ", ".join(f"{k}={metrics.get(k)}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
+
 
 LABELS = [o for o in OBSERVATIONS]
 
@@ -89,34 +107,30 @@ def extraction_vs_truth(studies: pa.Table, sidecar: Path) -> dict:
     done = np.zeros(len(ids), bool)
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     located = located_ok = 0
-    with open(sidecar, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
+    for t in iter_truth(sidecar):
+        k = position.get(int(t["study_id"]))
+        if k is None or done[k]:
+            continue
+        done[k] = True
+        for st in t["report_statements"]:
+            if st["section"] not in ("findings", "impression", "last_paragraph", "full report"):
                 continue
-            t = json.loads(line)
-            k = position.get(int(t["study_id"]))
-            if k is None or done[k]:
+            # what a CheXpert-style labeler reads (implied absences such as "lungs are clear" are not mentions)
+            got = {(m.observation, m.certainty) for m in chexpert_mentions(extract_findings(st["text"],
+                                                                                            sections=None))}
+            want = {(m["observation"], m["certainty"]) for m in st["mentions"]}
+            for key in got | want:
+                counts[key]["tp" if key in got and key in want else "fp" if key in got else "fn"] += 1
+        report_findings = extract_findings(studies.column("report")[k].as_py() or "")
+        for f in t["findings"]:
+            if f["side"] not in ("left", "right") or f["kind"] not in (
+                    "effusion", "pneumothorax", "consolidation", "pneumonia", "nodule", "mass"):
                 continue
-            done[k] = True
-            for st in t["report_statements"]:
-                if st["section"] not in ("findings", "impression", "last_paragraph", "full report"):
-                    continue
-                # what a CheXpert-style labeler reads (implied absences such as "lungs are clear" are not mentions)
-                got = {(m.observation, m.certainty) for m in chexpert_mentions(extract_findings(st["text"],
-                                                                                                sections=None))}
-                want = {(m["observation"], m["certainty"]) for m in st["mentions"]}
-                for key in got | want:
-                    counts[key]["tp" if key in got and key in want else "fp" if key in got else "fn"] += 1
-            report_findings = extract_findings(studies.column("report")[k].as_py() or "")
-            for f in t["findings"]:
-                if f["side"] not in ("left", "right") or f["kind"] not in (
-                        "effusion", "pneumothorax", "consolidation", "pneumonia", "nodule", "mass"):
-                    continue
-                located += 1
-                same = [g for g in report_findings if g.observation == f["pathology"] and g.certainty != "absent"]
-                lobe = f["location"] if f["kind"] in ("consolidation", "pneumonia", "nodule", "mass") else None
-                located_ok += any((g.modifiers.get("side") == f["side"] or (g.anatomy or "").startswith(f["side"]))
-                                  and (lobe is None or lobe in (g.anatomy or "")) for g in same)
+            located += 1
+            same = [g for g in report_findings if g.observation == f["pathology"] and g.certainty != "absent"]
+            lobe = f["location"] if f["kind"] in ("consolidation", "pneumonia", "nodule", "mass") else None
+            located_ok += any((g.modifiers.get("side") == f["side"] or (g.anatomy or "").startswith(f["side"]))
+                              and (lobe is None or lobe in (g.anatomy or "")) for g in same)
     out: dict[str, float] = {}
     for cert in ("present", "absent", "uncertain"):
         f1s = []
