@@ -151,8 +151,7 @@ def _export_png(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from cxrsynth.data.arrays import NpyRows
-    from cxrsynth.png_archive import read_png
-    from cxrsynth.pipeline import png_bytes
+    from cxrsynth.png_archive import png_bytes, read_png
     from cxrsynth.data.synthetic import png_text
 
     folder, out = Path(args.folder), Path(args.out)

@@ -286,7 +286,8 @@ def test_generator_prompts_differ_between_ablation_arms():
     terms = [[Term("pleural effusion", "present", None, "left")], []] * 3
     seen = {}
     for k in (5, 0):
-        gen = gen_mod.new_generator(spec, tok, grid, codes, k, 16, bank, seed=0)
+        gen = gen_mod.new_generator(spec, tok, grid=grid, codebook_size=codes, key_patches=k, max_text_tokens=16,
+                                    bank=bank, seed=0)
         data = gen_mod.training_data(gen, texts, ["PA"] * len(texts), tokens, lambda t: terms[texts.index(t)])
         seen[k] = (gen.layout, data)
     lay5, d5 = seen[5]
@@ -394,7 +395,7 @@ def test_evaluate_all_on_a_tiny_pipeline(tiny_pipeline):
 
 
 def test_evaluate_all_is_deterministic_uses_synthesize_tokens_and_skips_without_phantom(tiny_pipeline, monkeypatch):
-    import cxrsynth.evaluate as ev
+    import cxrsynth.stages.evaluate as ev
 
     seen = []
 

@@ -501,6 +501,10 @@ def test_odd_inputs_do_not_crash(text):
     fs = extract_findings(text)
     for f in fs:
         assert isinstance(f, Finding) and text[f.span[0]:f.span[1]] == f.surface
+    # the only pathology word in these inputs is "effusion": it is read as a present effusion, nothing else is
+    want = [("pleural effusion", "present")] if "effusion" in text else []
+    assert [(f.pathology, f.certainty) for f in fs] == want
+    assert extract_findings(text) == fs
 
 
 def test_non_ascii_keeps_spans():

@@ -29,8 +29,8 @@ def tiny_bank() -> KeyPatchBank:
 
 def tiny_generator(k: int = 2, arch: str = "gpt_neox", max_text: int = 12, seed: int = 0) -> Generator:
     tok = build_tokenizer(TEXTS, 60, GRID, K)
-    return new_generator(ModelSpec(arch=arch, d_model=16, n_layers=1, n_heads=2), tok, GRID, K, k, max_text,
-                         tiny_bank(), seed)
+    return new_generator(ModelSpec(arch=arch, d_model=16, n_layers=1, n_heads=2), tok, grid=GRID, codebook_size=K,
+                         key_patches=k, max_text_tokens=max_text, bank=tiny_bank(), seed=seed)
 
 
 def test_tokenizer_is_deterministic_and_holds_contiguous_special_tokens():
@@ -154,7 +154,8 @@ def test_pretrained_path_extends_the_vocabulary(tmp_path):
     plain = plain_tokenizer()                       # a text-only tokenizer, as a pretrained LLM has
     base.model.save_pretrained(tmp_path / "llm")
     plain.save_pretrained(tmp_path / "llm")
-    gen = new_generator(ModelSpec(), None, GRID, K, 2, 6, tiny_bank(), 0, pretrained_path=str(tmp_path / "llm"))
+    gen = new_generator(ModelSpec(), None, grid=GRID, codebook_size=K, key_patches=2, max_text_tokens=6,
+                        bank=tiny_bank(), seed=0, pretrained_path=str(tmp_path / "llm"))
     assert gen.model.get_input_embeddings().weight.shape[0] == len(gen.tokenizer) > len(plain)
     ids, _ = gen.encode_prompt(TEXTS[0], gen.key_patches(terms_of_text(TEXTS[0])), "PA")
     assert max(ids) < len(gen.tokenizer)

@@ -102,8 +102,8 @@ def tiny_bank(grid=GRID, k=K) -> KeyPatchBank:
 
 def tiny_generator(spec: ModelSpec | None = None, seed: int = 0, grid=GRID, k=K) -> Generator:
     tok = build_tokenizer(TEXTS, 60, grid, k)
-    gen = new_generator(spec or ModelSpec(d_model=64, n_layers=2, n_heads=4), tok, grid, k, 2, 12,
-                        tiny_bank(grid, k), seed)
+    gen = new_generator(spec or ModelSpec(d_model=64, n_layers=2, n_heads=4), tok, grid=grid, codebook_size=k,
+                        key_patches=2, max_text_tokens=12, bank=tiny_bank(grid, k), seed=seed)
     gen.model.eval()
     return gen
 

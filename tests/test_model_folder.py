@@ -174,7 +174,12 @@ GENERATOR_CASES = [("generator", "model.safetensors", "pickle_bin"), ("generator
 @pytest.mark.parametrize("kind", LOADERS)
 def test_undamaged_model_folders_load(model_folders, kind, tmp_path):
     shutil.copytree(model_folders / kind, tmp_path / kind)
-    LOADERS[kind](tmp_path / kind)
+    copy, original = LOADERS[kind](tmp_path / kind), LOADERS[kind](model_folders / kind)
+    module = (lambda m: m if isinstance(m, torch.nn.Module) else m.model)  # the generator wraps its network
+    state, want = module(copy).state_dict(), module(original).state_dict()
+    assert state.keys() == want.keys() and len(state) > 0
+    for name, tensor in want.items():
+        assert torch.equal(state[name], tensor), name   # a copied folder loads the very same weights
 
 
 @pytest.mark.parametrize("kind, name, how", WEIGHTS_CASES + META_CASES + ALIGN_CASES + GENERATOR_CASES,

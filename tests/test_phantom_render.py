@@ -1,6 +1,5 @@
 """The phantom painter: measured on the rendered pixels, over random anatomies, poses and (non-square) sizes."""
 import functools
-import time
 
 import numpy as np
 import pytest
@@ -93,18 +92,6 @@ def test_landmarks_are_json_like_and_inside():
     assert lm["dome_y_right"] < lm["dome_y_left"]
     hb, tb = lm["heart_box"], lm["thorax_box"]
     assert tb[0] <= hb[0] and hb[2] <= tb[2]
-
-
-def test_render_is_fast():
-    anatomy, pose, _ = _case(6)
-    fs = [Finding("effusion", "left", "small")]
-    render_image(anatomy, fs, 0.45, "PA", pose, 400, 340)  # warm caches
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        render_image(anatomy, fs, 0.45, "PA", pose, 400, 340)
-        times.append(time.perf_counter() - t0)
-    assert min(times) < 0.25  # target ~0.06 s; generous for loaded CI machines
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -65,7 +66,16 @@ def test_same_seed_same_prompts_other_seed_other_prompts(interim, tmp_path):
 
 def test_label_mixes(interim, tmp_path):
     man = interim / "interim" / "manifest.parquet"
-    for mix in ("balanced", "test"):
-        run(replace(PARAMS, label_mix=mix, paired=False), 0, man, tmp_path / mix, None)
+    tables, normal = {}, {}
+    for mix in ("prevalence", "balanced", "test"):
+        run(replace(PARAMS, label_mix=mix, paired=False, n_sampled=200), 0, man, tmp_path / mix, None)
         p = pd.read_parquet(tmp_path / mix / "prompts.parquet")
-        assert len(p) == 40 and set(OBSERVATIONS) <= set(p.columns)
+        assert len(p) == 200 and set(OBSERVATIONS) <= set(p.columns)
+        labels = p[[o for o in OBSERVATIONS if o != "No Finding"]].to_numpy(dtype=np.float64)
+        tables[mix] = labels
+        normal[mix] = float((~(labels == 1).any(axis=1)).mean())   # prompts asking for no finding at all
+    # the mix decides what is asked for: same seed, three different label tables
+    assert not np.array_equal(tables["prevalence"], tables["balanced"], equal_nan=True)
+    assert not np.array_equal(tables["test"], tables["balanced"], equal_nan=True)
+    # balanced draws "normal" as one class among all pathologies: far rarer than the mined normal share
+    assert normal["balanced"] < normal["prevalence"], normal

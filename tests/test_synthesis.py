@@ -28,8 +28,8 @@ TEXTS = ["FINDINGS: Moderate right pleural effusion.\n\nIMPRESSION: Right pleura
 def tiny_generator(seed: int = 0):
     bank = KeyPatchBank(GRID, K, {"pleural effusion": [KeyPatch(3, 3, 3, 0.9, "pleural effusion")],
                                   "cardiomegaly": [KeyPatch(7, 2, 1, 0.7, "cardiomegaly")]})
-    gen = new_generator(ModelSpec(d_model=16, n_layers=2, n_heads=2), build_tokenizer(TEXTS, 40, GRID, K), GRID, K,
-                        2, 10, bank, seed)
+    gen = new_generator(ModelSpec(d_model=16, n_layers=2, n_heads=2), build_tokenizer(TEXTS, 40, GRID, K),
+                        grid=GRID, codebook_size=K, key_patches=2, max_text_tokens=10, bank=bank, seed=seed)
     gen.model.eval()
     return gen
 

@@ -486,7 +486,7 @@ def fit(gen: Generator, train_data: TrainingData, val_data: TrainingData, cfg: T
     return result
 
 
-def new_generator(spec: ModelSpec, tokenizer, grid: tuple[int, int], codebook_size: int, key_patches: int,
+def new_generator(spec: ModelSpec, tokenizer, *, grid: tuple[int, int], codebook_size: int, key_patches: int,
                   max_text_tokens: int, bank: KeyPatchBank | None, seed: int,
                   pretrained_path: str = "") -> Generator:
     """A fresh generator: a from-scratch network from `spec` (seeded), or a local pretrained LM whose vocabulary

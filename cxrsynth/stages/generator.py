@@ -65,7 +65,8 @@ def main() -> None:
     bank = KeyPatchBank.load(bank_dir) if p.key_patches > 0 else KeyPatchBank(grid, k_codes)
     tokenizer = build_tokenizer(texts["train"], p.text_vocab_size, grid, k_codes)
     spec = ModelSpec(arch=p.arch, d_model=p.d_model, n_layers=p.n_layers, n_heads=p.n_heads, dropout=p.dropout)
-    gen = new_generator(spec, tokenizer, grid, k_codes, p.key_patches, p.max_text_tokens, bank, params.base.seed,
+    gen = new_generator(spec, tokenizer, grid=grid, codebook_size=k_codes, key_patches=p.key_patches,
+                        max_text_tokens=p.max_text_tokens, bank=bank, seed=params.base.seed,
                         pretrained_path=p.pretrained_path)
     data = {s: training_data(gen, texts[s], views[s], tokens[s], terms_of_text) for s in tokens}
     splits = list(tokens)
