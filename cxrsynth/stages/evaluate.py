@@ -9,9 +9,8 @@ number per stable key, headline numbers with `/lo`, `/hi`, `/n`; see README "Sta
 `<metrics>/summary.json` (the headline numbers that say whether a run is better, `cxrsynth.eval.headlines`) and the PNGs
 `<metrics>/evaluate_roc.png`, `evaluate_samples.png`, `evaluate_label_examples.png`, `evaluate_closest_pairs.png`.
 
-Stage logic of `evaluate`: score the synthetic images on fidelity, semantic consistency, alignment, utility and
-privacy (CheXGenBench's three axes plus the paper's claim), and, on the phantom, check the findings against the
-phantom's known geometry.
+In detail: it scores fidelity, semantic consistency, alignment, utility and privacy (CheXGenBench's three axes plus
+the paper's claim) and, on the phantom, checks the findings against the phantom's known geometry.
 
 Every metric block is a pure function over arrays (images, labels, probabilities, features) that returns a flat dict
 of stable keys (`block/name`, `None` where a number cannot be computed, so `dvc metrics diff` always lines the keys
@@ -20,7 +19,7 @@ up); `evaluate_all` loads the inputs, runs the blocks and draws the pictures.
 Conventions:
 - Resolution: synthetic images come out of the VQ-GAN at its side (64 px on the phantom); real images are stored
   larger. Every comparison resizes the real images to `compare_size` (default: the synthetic side) first, with the
-  project's one resize (`cxrsynth.eval.features.resize`, antialiased), so the resolution gap itself is not scored
+  project's one resize (`cxrsynth.images.resize`, antialiased), so the resolution gap itself is not scored
   as infidelity. The reference floor (real train vs real test) is computed here on exactly those images with the same
   extractor and, by default, with the train set subsampled to the synthetic set's size (FID is biased by N).
 - Labels: a prompt's 14 CheXpert columns (1 / 0 / -1 / blank) are the targets of the semantic AUROC, scored with the

@@ -53,7 +53,7 @@ def main() -> None:
     if pick_device(params.base.device).type == "cpu" and p.cpu_threads:
         torch.set_num_threads(p.cpu_threads)
     manifest = pd.read_parquet(Path(paths.interim) / "manifest.parquet",
-                               columns=["split", "image_row", "view", "findings", "impression"])
+                               columns=["split", "image_row", "view", "findings", "impression", "last_paragraph"])
     meta = read_meta(paths.tokens)
     grid, k_codes = tuple(meta.grid_size), meta.codebook_size
     tokens = {s: load_tokens(paths.tokens, s) for s in ("train", "validate") if s in meta.splits}  # memory-mapped
