@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The pictures the evaluate stage draws: sample grid with nearest training neighbours, per-label examples, text tiles."""
 from __future__ import annotations
 
 import textwrap
