@@ -298,6 +298,26 @@ class ClassifierParams:
 
 
 @dataclass(frozen=True)
+class BankParams:
+    """The key-patch bank the align stage builds from the training pairs (params.yaml `align.bank`)."""
+
+    size: int = _opt(16, lo=1, hi=4096, doc="key patches kept per bank key")
+    min_support: int = _opt(3, lo=1, hi=100000, doc="training images a bank key needs")
+    rule: str = _opt("shift", choices=("shift", "text", "both"), doc="bank score map: shift of the key's images (in "
+                     "space) | their query-similarity difference | both (cxrsynth.keypatches.build_bank)")
+    strata: str = _opt("view", choices=("view", "none"), doc="differences taken within each view (AP/PA) | over all "
+                       "training images")
+    mirror: bool = _opt(True, doc="pool a left key's evidence with its right mirror key's, flipped (and back)")
+    smooth: float = _opt(1.0, lo=0.0, hi=8.0, doc="Gaussian blur (grid cells) of each key's score map; 0 = off")
+    adjust: bool = _opt(False, doc="a pathology key's difference is fitted per cell together with the other "
+                        "pathologies of the training reports, so co-occurring findings and devices do not lend it "
+                        "their places")
+    ridge: float = _opt(1.0, lo=0.0, hi=1e6, doc="ridge penalty on the co-occurring pathologies (adjust)")
+    space: str = _opt("codes", choices=("codes", "patches"), doc="where the shift rule compares a key's images with "
+                      "the others: the frozen VQ-GAN code vectors | the trained patch embeddings")
+
+
+@dataclass(frozen=True)
 class AlignParams:
     """Fine-grained image-text alignment and the key-patch bank (stages/align.py)."""
 
@@ -338,21 +358,7 @@ class AlignParams:
     compile: bool = _opt(False, doc="torch.compile the model")
     eval_every: int = _opt(100, lo=1, hi=10_000_000, doc="validation retrieval (mean R@5 selects the weights)")
     checkpoint_every: int = _opt(50, lo=1, hi=100_000_000, doc="resumable checkpoint interval (steps)")
-    bank_size: int = _opt(16, lo=1, hi=4096, doc="key patches kept per bank key")
-    bank_min_support: int = _opt(3, lo=1, hi=100000, doc="training images a bank key needs")
-    bank_rule: str = _opt("shift", choices=("shift", "text", "both"), doc="bank score map: shift of the key's "
-                          "images (in bank_space) | their query-similarity difference | both (cxrsynth.models.align)")
-    bank_strata: str = _opt("view", choices=("view", "none"), doc="bank differences taken within each view (AP/PA) "
-                            "| over all training images")
-    bank_mirror: bool = _opt(True, doc="pool a left key's evidence with its right mirror key's, flipped (and back)")
-    bank_smooth: float = _opt(1.0, lo=0.0, hi=8.0, doc="Gaussian blur (grid cells) of each bank key's score map; "
-                              "0 = off")
-    bank_adjust: bool = _opt(False, doc="a pathology key's difference is fitted per cell together with the other "
-                             "pathologies of the training reports, so co-occurring findings and devices do not lend it "
-                             "their places")
-    bank_ridge: float = _opt(1.0, lo=0.0, hi=1e6, doc="ridge penalty on the co-occurring pathologies (bank_adjust)")
-    bank_space: str = _opt("codes", choices=("codes", "patches"), doc="where the shift rule compares a key's images "
-                           "with the others: the frozen VQ-GAN code vectors | the trained patch embeddings")
+    bank: BankParams = field(default_factory=BankParams)
     pointing_k: int = _opt(5, lo=1, hi=256, doc="top-k cells of the pointing game (metric only; the generator has "
                                                 "its own k)")
     heatmap_examples: int = _opt(2, lo=0, hi=20, doc="validate examples per finding in metrics/align_heatmaps.png")
@@ -490,6 +496,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
             return None
         tp = args[0]
         origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):  # a nested section (align.bank)
+        return build_section(tp, key, value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from cxrsynth.config import BankParams
 from cxrsynth.io import read_json_object
 from cxrsynth.models.text_states import TextStates, texts_sha256
 from cxrsynth.text.findings import extract_findings
@@ -342,12 +343,15 @@ BANK_RULES = ("shift", "text", "both")
 BANK_SPACES = ("codes", "patches")
 
 
-def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, size: int = 16,
-               min_support: int = 3, rule: str = "both", mirror: bool = True, strata: Sequence | None = None,
-               smooth: float = 1.0, adjust: bool = False, ridge: float = 1.0, space: str = "patches",
-               batch_size: int = 64, text_states: TextStates | None = None) -> KeyPatchBank:
+def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, settings: BankParams, *,
+               strata: Sequence | None = None, batch_size: int = 64,
+               text_states: TextStates | None = None) -> KeyPatchBank:
     """The key-patch bank from training pairs: where the trained model's patches change when a report mentions a
     term, compared within strata (view), pooled over mirror sides, with pair keys composed from their parts.
+
+    `settings` (params.yaml `align.bank`, no defaults of its own here) names the rule, space, size, support,
+    mirror, smoothing and adjustment below; `strata` gives one view label per image and is required when
+    `settings.strata` is `view` (ignored when it is `none`).
 
     1. Every bank key (`term_keys` of the present and uncertain terms of each training report: `pathology|anatomy`,
        `pathology@side`, `pathology`, `anatomy`) gets its supporting images (whose report mentions it) and a query
@@ -388,6 +392,12 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, *, si
     Streams over the images (two passes), so the memory does not grow with the training set. `text_states`: the
     frozen encoder's states of exactly `texts` (the store `fit` wrote, `model.text_states`), read per chunk instead
     of encoding the reports again."""
+    size, min_support, rule, mirror = settings.size, settings.min_support, settings.rule, settings.mirror
+    smooth, adjust, ridge, space = settings.smooth, settings.adjust, settings.ridge, settings.space
+    if settings.strata == "none":
+        strata = None
+    elif strata is None:
+        raise ValueError("bank strata 'view' needs one view label per training image (strata=...)")
     if rule not in BANK_RULES:
         raise ValueError(f"bank rule must be one of {BANK_RULES}, got {rule!r}")
     if space not in BANK_SPACES:

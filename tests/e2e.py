@@ -32,7 +32,7 @@ TINY = {
                  "checkpoint_every": 6, "disc_start": 6, "grid_images": 4},
     "align": {"text_encoder": "scratch", "scratch_vocab_size": 300, "scratch_hidden": 32, "scratch_layers": 1,
               "steps": 8, "batch_size": 8, "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 4, "embed_dim": 32, "patch_dim": 32,
-              "patch_layers": 1, "heatmap_examples": 1, "bank_min_support": 1},
+              "patch_layers": 1, "heatmap_examples": 1, "bank": {"min_support": 1}},
     "generator": {"d_model": 32, "n_layers": 1, "n_heads": 2, "text_vocab_size": 300, "steps": 8, "batch_size": 4,
                   "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 4},
     "synthesize": {"contact_sheet_images": 4, "batch_size": 8, "write_dicom": True},
@@ -54,7 +54,10 @@ def tiny_params(overrides: dict = TINY) -> dict:
         for key, value in values.items():
             if key not in params[section]:
                 raise KeyError(f"TINY override {section}.{key} is not a params.yaml key")
-            params[section][key] = value
+            if isinstance(value, dict) and isinstance(params[section][key], dict):  # nested: key by key
+                params[section][key] = {**params[section][key], **value}
+            else:
+                params[section][key] = value
     return params
 
 

@@ -7,14 +7,13 @@ import socket
 import numpy as np
 import pytest
 import torch
-from toys import KINDS, H, W, save_tiny_bert, toy_pairs
+from toys import KINDS, H, W, save_tiny_bert, toy_pairs, old_rule_bank
 
-from cxrsynth.config import AlignParams, ConfigError, params_from_dict
+from cxrsynth.config import AlignParams, BankParams, ConfigError, params_from_dict
 from cxrsynth.keypatches import KeyPatchBank, terms_of_text
 from cxrsynth.models.align import AlignModel, contrastive_loss, filip_similarity
 from cxrsynth.models.text_encoders import basic_words, load_text_encoder, wordpiece_vocab
 from cxrsynth.models.align_training import Pairs, fit, retrieval_metrics
-from cxrsynth.keypatches import build_bank
 from cxrsynth.eval.alignment import PointingCase, pointing_metrics, region_cells, top_positions
 from cxrsynth.text.sections import report_text
 
@@ -123,7 +122,7 @@ def test_wordpiece_vocab_is_deterministic_and_covers_every_character():
 
 TOY_PARAMS = AlignParams(text_encoder="scratch", scratch_hidden=32, scratch_layers=1, scratch_heads=2,
                          text_head_layers=0, embed_dim=32, patch_dim=32, patch_layers=0, patch_heads=2, steps=80,
-                         batch_size=8, lr=3e-3, warmup_steps=5, eval_every=40, bank_size=4, bank_min_support=2,
+                         batch_size=8, lr=3e-3, warmup_steps=5, eval_every=40, bank=BankParams(size=4, min_support=2),
                          mask_background=False)
 
 
@@ -133,7 +132,7 @@ def toy_model(tmp_path_factory):
     codebook = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     model, result = fit(TOY_PARAMS, train, val, codebook, seed=0, device="cpu", progress=False,
                         workdir=tmp_path_factory.mktemp("w"))
-    model.bank = build_bank(model, train.texts, train.grids, size=4, min_support=2)
+    model.bank = old_rule_bank(model, train.texts, train.grids, size=4, min_support=2)
     return model, result, train, val
 
 
@@ -159,7 +158,7 @@ def test_similarity_map_points_at_the_finding(toy_model):
 
 def test_bank_and_key_patches_are_deterministic_and_follow_the_findings(toy_model):
     model, _, train, _ = toy_model
-    again = build_bank(model, train.texts, train.grids, size=4, min_support=2)
+    again = old_rule_bank(model, train.texts, train.grids, size=4, min_support=2)
     assert again.to_dict() == model.bank.to_dict()
     assert "pleural effusion|right pleural space" in model.bank.entries and "pleural effusion" in model.bank.entries
     prompt = "FINDINGS: Moderate right pleural effusion."
@@ -175,7 +174,7 @@ def test_bank_and_key_patches_are_deterministic_and_follow_the_findings(toy_mode
 @pytest.mark.parametrize("rule", ["shift", "text"])
 def test_every_bank_rule_finds_the_findings_places(toy_model, rule):
     model, _, train, _ = toy_model
-    bank = build_bank(model, train.texts, train.grids, size=4, min_support=2, rule=rule)
+    bank = old_rule_bank(model, train.texts, train.grids, size=4, min_support=2, rule=rule)
     assert bank.meta["rule"] == rule
     for text, (code, cells) in KINDS.items():
         if code is None:
@@ -183,7 +182,7 @@ def test_every_bank_rule_finds_the_findings_places(toy_model, rule):
         kps = bank.select(terms_of_text(text), 3)
         assert sum((kp.row, kp.col) in cells for kp in kps) >= 2, (rule, text, kps)
     with pytest.raises(ValueError, match="bank rule"):
-        build_bank(model, train.texts, train.grids, rule="nearest")
+        old_rule_bank(model, train.texts, train.grids, rule="nearest")
 
 
 def _bank_set(specs, seed):
@@ -219,14 +218,14 @@ def test_bank_compares_within_views(toy_model):
         return [(kp.row, kp.col) for kp in bank.entries[key]].index((3, 3))
 
     # the shift rule sees any change of the patches (the toy model never learnt the mark, so its words do not)
-    pooled = build_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=None)
-    within = build_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=views)
+    pooled = old_rule_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=None)
+    within = old_rule_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=views)
     assert within.meta["strata"] == ["AP", "PA"] and pooled.meta["strata"] is None
     assert rank_of_mark(pooled) <= len(cells) + 1  # right after the finding's own cells
     assert rank_of_mark(within) >= 12  # among the last of the 16 cells
     assert set((kp.row, kp.col) for kp in within.entries[key][:3]) == set(cells)
     with pytest.raises(ValueError, match="strata"):
-        build_bank(model, pairs.texts, pairs.grids, strata=views[:-1])
+        old_rule_bank(model, pairs.texts, pairs.grids, strata=views[:-1])
 
 
 def test_bank_shift_in_code_space_does_not_need_the_patch_encoder(toy_model):
@@ -242,13 +241,13 @@ def test_bank_shift_in_code_space_does_not_need_the_patch_encoder(toy_model):
         blind.core.patch_encoder.row.zero_()
         blind.core.patch_encoder.col.zero_()
     key = "pleural effusion|right pleural space"
-    codes = build_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="codes")
-    patches = build_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="patches")
+    codes = old_rule_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="codes")
+    patches = old_rule_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="patches")
     assert codes.meta["space"] == "codes" and patches.meta["space"] == "patches"
     assert set((kp.row, kp.col) for kp in codes.entries[key]) == set(cells)
     assert set((kp.row, kp.col) for kp in patches.entries[key]) != set(cells)
     with pytest.raises(ValueError, match="space"):
-        build_bank(model, pairs.texts, pairs.grids, space="pixels")
+        old_rule_bank(model, pairs.texts, pairs.grids, space="pixels")
 
 
 def test_bank_adjustment_takes_a_co_occurring_finding_out_of_the_map(toy_model):
@@ -276,8 +275,8 @@ def test_bank_adjustment_takes_a_co_occurring_finding_out_of_the_map(toy_model):
         order = [(kp.row, kp.col) for kp in bank.entries["pleural effusion"]]
         return sorted(order.index(c) for c in heart), set(order[:3])
 
-    plain = build_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0)
-    fitted = build_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0,
+    plain = old_rule_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0)
+    fitted = old_rule_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0,
                         adjust=True)
     assert fitted.meta["adjust"] and not plain.meta["adjust"]
     heart_plain, top_plain = ranks(plain)
@@ -297,8 +296,8 @@ def test_bank_mirror_pools_left_and_right(toy_model):
     pairs, views = _bank_set([("FINDINGS: There is a left pneumothorax.", 12, left, "PA", 4),
                               ("FINDINGS: There is a right pneumothorax.", 12, right, "PA", 1),
                               (CLEAR, None, [], "PA", 8)], 4)
-    plain = build_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=False)
-    pooled = build_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=True)
+    plain = old_rule_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=False)
+    pooled = old_rule_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=True)
     # unpooled, the right side has too few images of its own, and the pair borrows the (left) pathology's place
     assert "pneumothorax@right" not in plain.entries
     assert set((kp.row, kp.col) for kp in plain.entries["pneumothorax|right pleural space"][:3]) != set(right)

@@ -1,4 +1,5 @@
 """Params validation: every rule stops with one line naming the key."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,15 @@ def test_repo_params_file_is_valid_and_complete():
     # every field of every section is spelled out in params.yaml, so `dvc params diff` shows all knobs
     import dataclasses
 
+    def check(section, raw_section, name):
+        keys = {f.name for f in dataclasses.fields(section)}
+        assert set(raw_section) == keys, name
+        for f in dataclasses.fields(section):
+            if dataclasses.is_dataclass(getattr(section, f.name)):  # a nested section (align.bank)
+                check(getattr(section, f.name), raw_section[f.name], f"{name}.{f.name}")
+
     for sec in dataclasses.fields(Params):
-        keys = {f.name for f in dataclasses.fields(getattr(p, sec.name))}
-        assert set(raw[sec.name]) == keys, sec.name
+        check(getattr(p, sec.name), raw[sec.name], sec.name)
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -37,6 +44,10 @@ def test_repo_params_file_is_valid_and_complete():
     ({"base": {"seed": True}}, "base.seed"),
     ({"base": {"device": "tpu"}}, "base.device"),
     ({"nonsense": {}}, "nonsense"),
+    ({"align": {"bank": {"rule": "nearest"}}}, "align.bank.rule"),
+    ({"align": {"bank": {"sise": 3}}}, "align.bank.sise"),
+    ({"align": {"bank": 3}}, "align.bank"),
+    ({"align": {"bank": {"smooth": -1.0}}}, "align.bank.smooth"),
     ({"base": [1, 2]}, "base"),
 ])
 def test_bad_values_name_the_key(raw, key):
@@ -93,3 +104,8 @@ def test_missing_and_malformed_params_file(tmp_path):
     bad.write_text("fixture: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_a_nested_section_takes_its_defaults_key_by_key():
+    p = params_from_dict({"align": {"bank": {"size": 4}}})
+    assert p.align.bank.size == 4 and p.align.bank == dataclasses.replace(params_from_dict({}).align.bank, size=4)

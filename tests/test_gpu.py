@@ -28,14 +28,13 @@ import safetensors.torch
 import torch
 
 from images import blobs
-from toys import KINDS, labeled_squares, save_tiny_bert, toy_pairs
+from toys import KINDS, labeled_squares, save_tiny_bert, toy_pairs, old_rule_bank
 
-from cxrsynth.config import AlignParams, ClassifierParams, CodebookParams
+from cxrsynth.config import AlignParams, BankParams, ClassifierParams, CodebookParams
 from cxrsynth.keypatches import KeyPatch, KeyPatchBank, terms_of_text
 from cxrsynth.models.align import AlignConfig, AlignModel, filip_similarity
 from cxrsynth.models.text_encoders import scratch_text_encoder
 from cxrsynth.models.align_training import retrieval_metrics
-from cxrsynth.keypatches import build_bank
 from cxrsynth.models.align_training import fit as align_fit
 from cxrsynth.models.classifier import Classifier, ClassifierConfig, split_report
 from cxrsynth.models.classifier import fit as classifier_fit
@@ -662,11 +661,11 @@ def test_align_fit_on_cuda_hands_back_a_working_cpu_model(tmp_path, tiny_bert, t
     assert np.isfinite(matched).all() and matched.mean() > shuffled.mean()
     r = retrieval_metrics(model.similarity_matrix(val.texts, val.grids), val.groups)
     assert r["text_to_image/R@1"] > r["text_to_image/chance@1"]
-    bank_cpu = build_bank(model, train_pairs.texts, train_pairs.grids, size=4, min_support=2)
+    bank_cpu = old_rule_bank(model, train_pairs.texts, train_pairs.grids, size=4, min_support=2)
     model.to(CUDA)
     with strict_fp32():
         assert np.abs(model.score(val.texts, val.grids) - matched).max() < 1e-5
-        bank_gpu = build_bank(model, train_pairs.texts, train_pairs.grids, size=4, min_support=2)
+        bank_gpu = old_rule_bank(model, train_pairs.texts, train_pairs.grids, size=4, min_support=2)
     assert set(bank_gpu.entries) == set(bank_cpu.entries) and bank_cpu.entries
     for key, entries in bank_cpu.entries.items():
         a = [kp.score for kp in entries]

@@ -7,6 +7,8 @@ import torch
 from cxrsynth.models.text_encoders import wordpiece_vocab
 from cxrsynth.models.align_training import Pairs
 from cxrsynth.data.arrays import LabeledImages
+from cxrsynth.config import BankParams
+from cxrsynth.keypatches import build_bank
 
 NAN = np.nan
 
@@ -66,3 +68,10 @@ def save_tiny_bert(path):
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return model.eval(), tok
+
+
+def old_rule_bank(model, texts, grids, *, strata=None, **settings):
+    """build_bank under the rule the bank tests were written for (`both` in patch space, view strata only when
+    labels are given); any `align.bank` key can be overridden."""
+    base = {"rule": "both", "space": "patches", "strata": "none" if strata is None else "view"}
+    return build_bank(model, texts, grids, BankParams(**{**base, **settings}), strata=strata)

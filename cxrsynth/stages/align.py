@@ -65,10 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cxrsynth-align-") as work:
         model, result = fit(p, train_pairs, validate, codebook, seed=params.base.seed, device=params.base.device,
                             live_dir=p.live_dir, workdir=work, out_dir=Path(paths.models) / "align_checkpoints")
-        model.bank = build_bank(model, train_pairs.texts, train_pairs.grids, size=p.bank_size,
-                                min_support=p.bank_min_support, rule=p.bank_rule, mirror=p.bank_mirror,
-                                smooth=p.bank_smooth, adjust=p.bank_adjust, ridge=p.bank_ridge, space=p.bank_space,
-                                strata=data["train"][1].view.to_numpy() if p.bank_strata == "view" else None,
+        model.bank = build_bank(model, train_pairs.texts, train_pairs.grids, p.bank,
+                                strata=data["train"][1].view.to_numpy(),
                                 text_states=getattr(model, "text_states", None))
         out = model.save(Path(paths.models) / "align", extra={
             "vqgan": {"path": vqgan_dir.as_posix(), "weights_sha256": sha},
