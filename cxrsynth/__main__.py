@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cxrsynth.errors import UserError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -35,6 +37,13 @@ def command(name: str, help: str):
     return register
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a usage error as one line on stderr (exit status 2) instead of the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def _defaults() -> dict:
     """Sampling defaults and the models folder from ./params.yaml when there is one (else built-in defaults)."""
     from cxrsynth.config import ConfigError, SynthesizeParams, load_params
@@ -48,20 +57,70 @@ def _defaults() -> dict:
             "top_p": s.top_p, "guidance": s.guidance_scale, "batch_size": s.batch_size}
 
 
+def checked(section: str, key: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse `type` that converts the text and checks it by the rules of params key `section.key` (type,
+    bounds, finiteness: `cxrsynth.config.check_field`), so an option and its params key accept the same values."""
+    def parse(text: str) -> object:
+        from typing import get_type_hints
+
+        from cxrsynth.config import ConfigError, Params, check_field
+
+        cls = get_type_hints(Params)[section]
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {convert.__name__}, got {text!r}") from None
+        try:
+            return check_field(cls, key, value, key=f"{section}.{key} rules")
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def view_option(text: str) -> str:
+    """A view the generator has a token for (case-insensitive), upper-cased."""
+    from cxrsynth.models.generator import VIEWS
+
+    if text.upper() not in VIEWS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(VIEWS)} (any case), got {text!r}")
+    return text.upper()
+
+
+def output_folder(text: str) -> Path:
+    """An output folder that is a folder or does not exist yet, with no file on its way and writable."""
+    from cxrsynth.io import check_output_dir
+
+    try:
+        return check_output_dir(text)
+    except OSError as err:
+        from cxrsynth.errors import os_error_line
+
+        raise argparse.ArgumentTypeError(os_error_line(err)) from None
+
+
+MAX_IMAGES = 1000  # -n: the bound of synthesize.samples_per_prompt
+
+
 @command("generate", "synthesize chest X-rays from a text prompt with the trained models")
 def _generate_parser(ap: argparse.ArgumentParser) -> Runner:
     d = _defaults()
     ap.add_argument("text", help="the prompt, e.g. 'Moderate right pleural effusion.'")
-    ap.add_argument("-n", "--num", type=int, default=1, help="images to draw (default 1)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--view", default="PA", help="PA | AP | LATERAL | LL (default PA)")
+    ap.add_argument("-n", "--num", type=checked("synthesize", "samples_per_prompt", int), default=1,
+                    help=f"images to draw, 1..{MAX_IMAGES} (default 1)")
+    ap.add_argument("--seed", type=checked("base", "seed", int), default=0, help="0 .. 2^31-1 (default 0)")
+    ap.add_argument("--out", required=True, type=output_folder,
+                    help="output folder: a folder or a path that does not exist yet (not a file)")
+    ap.add_argument("--view", default="PA", type=view_option, help="PA | AP | LATERAL | LL, any case (default PA)")
     ap.add_argument("--models", default=d["models"], help=f"trained models folder (default {d['models']})")
-    ap.add_argument("--temperature", type=float, default=d["temperature"])
-    ap.add_argument("--top-k", type=int, default=d["top_k"])
-    ap.add_argument("--top-p", type=float, default=d["top_p"])
-    ap.add_argument("--guidance", type=float, default=d["guidance"], help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--batch-size", type=int, default=d["batch_size"])
+    ap.add_argument("--temperature", type=checked("synthesize", "temperature", float), default=d["temperature"],
+                    help="finite, 0 (greedy) .. 10")
+    ap.add_argument("--top-k", type=checked("synthesize", "top_k", int), default=d["top_k"], help="0 = off")
+    ap.add_argument("--top-p", type=checked("synthesize", "top_p", float), default=d["top_p"],
+                    help="0.01 .. 1 (1 = off)")
+    ap.add_argument("--guidance", type=checked("synthesize", "guidance_scale", float), default=d["guidance"],
+                    help="classifier-free guidance scale, 1 (off) .. 50")
+    ap.add_argument("--batch-size", type=checked("synthesize", "batch_size", int), default=d["batch_size"])
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dicom", action="store_true", help="also write DICOM copies marked synthetic")
     return _generate
@@ -74,8 +133,6 @@ def _generate(args: argparse.Namespace) -> int:
     from cxrsynth.models.token_sampler import Sampling
     from cxrsynth.train import pick_device
 
-    if args.num < 1:
-        raise ValueError(f"-n must be >= 1, got {args.num}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         guidance_scale=args.guidance, batch_size=args.batch_size)
     gen, vqgan, hashes = load_models(args.models, device=pick_device(args.device))
@@ -156,9 +213,9 @@ def _export_png(args: argparse.Namespace) -> int:
 
     folder, out = Path(args.folder), Path(args.out)
     if not (folder / "manifest.parquet").is_file():
-        raise ValueError(f"{folder / 'manifest.parquet'}: no synthetic manifest")
+        raise UserError(f"{folder / 'manifest.parquet'}: no synthetic manifest")
     if out.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"--out {out}: must be outside {folder} (a DVC output)")
+        raise UserError(f"--out {out}: must be outside {folder} (a DVC output)")
     out.mkdir(parents=True, exist_ok=True)
     df = pd.read_parquet(folder / "manifest.parquet")
     images = NpyRows(folder / "images.npy")
@@ -186,9 +243,9 @@ def _checksums(args: argparse.Namespace) -> int:
 
     root = Path(args.root)
     if not root.is_dir():
-        raise ValueError(f"{root}: not a folder")
+        raise UserError(f"{root}: not a folder")
     if (root / CHECKSUMS).is_file() and not args.force:
-        raise ValueError(f"{root / CHECKSUMS} exists (the release's own?); --force replaces it")
+        raise UserError(f"{root / CHECKSUMS} exists (the release's own?); --force replaces it")
     path = write_checksums(root, tables_only=args.tables_only, workers=max(1, args.workers))
     print(f"wrote {path} ({len(read_checksums(path))} files)")
     return 0
@@ -211,9 +268,9 @@ def _compare(args: argparse.Namespace) -> int:
     from cxrsynth.compare import default_items_path, run_compare
 
     if len(args.runs) < 2:
-        raise ValueError("compare needs at least two runs")
+        raise UserError("compare needs at least two runs")
     if args.n_boot < 0:
-        raise ValueError(f"--n-boot must be >= 0, got {args.n_boot}")
+        raise UserError(f"--n-boot must be >= 0, got {args.n_boot}")
     text = run_compare(args.runs, path=args.items or default_items_path(), repo=args.repo, n_boot=args.n_boot,
                        seed=args.seed)
     print(text, end="")
@@ -223,25 +280,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cxrsynth", description="cxrsynth: text-to-chest-X-ray synthesis")
+    """Parse and run one command: a usage error or a `UserError` / `OSError` is one line and exit status 2, an
+    unexpected error one line naming the file that holds its traceback, exit status 1 (`cxrsynth.errors`)."""
+    from cxrsynth.errors import run_guarded
+
+    ap = OneLineParser(prog="python -m cxrsynth", description="cxrsynth: text-to-chest-X-ray synthesis")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, (help_text, build) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(_run=build(sp))
     args = ap.parse_args(argv)
-    from cxrsynth.keypatches import BankError
-    from cxrsynth.lineage import LineageError
-    from cxrsynth.models.generator import GeneratorError
-    from cxrsynth.config import ConfigError
-    from cxrsynth.models.folder import ModelFolderError
-    from cxrsynth.pipeline import SynthesisError
-
-    try:
-        return int(args._run(args) or 0)
-    except (SynthesisError, GeneratorError, ModelFolderError, BankError, LineageError, ConfigError, ValueError,
-            KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(args._run, "", args)
 
 
 if __name__ == "__main__":

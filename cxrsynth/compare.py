@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxrsynth.errors import UserError
 from cxrsynth.eval.headlines import HEADLINES, Headline, units_of
 from cxrsynth.eval.intervals import Interval, bootstrap, paired_difference, unpaired_difference
 from cxrsynth.eval.items import ITEMS_FILE, Items, ItemsError, read_items
@@ -26,7 +27,7 @@ from cxrsynth.eval.items import ITEMS_FILE, Items, ItemsError, read_items
 WORKSPACE = "workspace"
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """A run or its per-item table that cannot be compared; the message names it."""
 
 

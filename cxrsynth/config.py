@@ -8,6 +8,7 @@ error into a one-line message and exit status 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -17,8 +18,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from cxrsynth.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A params.yaml problem; the message is one line naming the key."""
 
 
@@ -426,7 +429,8 @@ class SynthesizeParams:
     temperature: float = _opt(0.7, lo=0.0, hi=10.0, doc="0 = greedy")
     top_k: int = _opt(50, lo=0, hi=1_000_000, doc="0 = off")
     top_p: float = _opt(1.0, lo=0.01, hi=1.0, doc="1 = off")
-    guidance_scale: float = _opt(1.0, lo=0.0, hi=50.0, doc="classifier-free guidance (1 = off)")
+    guidance_scale: float = _opt(1.0, lo=1.0, hi=50.0, doc="classifier-free guidance (1 = off; below 1 would "
+                                                             "weaken or reverse the prompt, so it is refused)")
     batch_size: int = _opt(128, lo=1, hi=65536, doc="prompts sampled together")
     dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
     write_dicom: bool = _opt(False, doc="also write DICOM copies marked synthetic")
@@ -508,6 +512,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range comparison; no key takes an infinity
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -563,16 +569,60 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
     return Params(**{name: build_section(hints[name], name, raw.get(name)) for name in sections})
 
 
+def _duplicate_keys(node: yaml.Node | None, where: str = "") -> str | None:
+    """The first mapping key written twice in a composed YAML tree, as 'section.key: ... (lines a and b)'."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else key_node.start_mark.line
+            name, line = f"{where}{key}", key_node.start_mark.line + 1
+            if key in seen:
+                return f"{name}: key written twice (lines {seen[key]} and {line}); YAML would keep the last silently"
+            seen[key] = line
+            found = _duplicate_keys(value_node, f"{name}.")
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_keys(item, f"{where.rstrip('.')}[{i}].")
+            if found:
+                return found
+    return None
+
+
+def read_yaml(text: str, source: str = "params") -> Any:
+    """`yaml.safe_load` with a key written twice an error (ConfigError naming the key and both lines) instead of
+    the last one winning silently."""
+    try:
+        dup = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        if dup:
+            raise ConfigError(dup)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from e
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; every problem is a ConfigError naming the key."""
+    """Read and validate a params file; every problem is a ConfigError naming the key. A section or key left out
+    takes the documented default (the shipped params.yaml spells every one out, tests/test_config.py)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    return params_from_dict(raw or {}, str(path))
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    return params_from_dict(read_yaml(text, str(path)) or {}, str(path))
+
+
+def check_field(cls: type, name: str, value: Any, key: str | None = None) -> Any:
+    """Validate one value by the rules of field `name` of section `cls` (its type, bounds, choices, finiteness):
+    the one table that params.yaml and the command line share. Returns the value; a problem raises ConfigError
+    naming `key` (default: the field's name)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"{key or name}: unknown key of {cls.__name__}")
+    return _check_value(key or name, value, get_type_hints(cls)[name], dict(fields[name].metadata))
 
 
 def stage_params(path: str | Path = "params.yaml") -> Params:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from cxrsynth.errors import UserError
 from cxrsynth.config import BankParams
 from cxrsynth.io import read_json_object
 from cxrsynth.models.text_states import TextStates, texts_sha256
@@ -59,7 +60,7 @@ FORMAT_VERSION = 1
 BANK_FILE = "bank.json"
 
 
-class BankError(ValueError):
+class BankError(UserError):
     """A bank file that cannot be read, or an entry outside the grid / codebook; the message names it."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from cxrsynth.errors import UserError
 from cxrsynth.io import file_sha256
 from cxrsynth.png_archive import pixels_sha256
 
@@ -31,7 +32,7 @@ MODEL_FOLDERS = {"generator": "generator", "vqgan": "vqgan", "align": "align"}
 CODE_SUFFIXES = (".py", ".yaml", ".toml", ".txt", ".cfg")
 
 
-class LineageError(ValueError):
+class LineageError(UserError):
     """The target cannot be resolved (not a synthetic image, no manifest, no dvc.lock); one line."""
 
 

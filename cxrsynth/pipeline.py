@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrsynth.errors import UserError
 from cxrsynth.keypatches import BANK_FILE, terms_from_json, terms_of_text
 from cxrsynth.models.generator import Generator, folder_sha256
 from cxrsynth.models.token_sampler import Sampling, image_seed, sample_codes
@@ -25,7 +26,7 @@ from cxrsynth.text.chexpert import OBSERVATIONS
 from cxrsynth.text.sections import report_text
 
 
-class SynthesisError(ValueError):
+class SynthesisError(UserError):
     """Models that cannot be used together, or missing inputs; one line naming the file."""
 
 

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxrsynth.errors import UserError
 from cxrsynth.io import write_json
 
 SHARD_FILE = "shard.json"
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A bad --shard value, or shard folders that cannot be merged; one line naming the problem."""
 
 

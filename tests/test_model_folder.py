@@ -133,6 +133,10 @@ def _damage(path: Path, name: str, how: str, marker: Path) -> None:
         f.write_bytes(bytes(range(256)) * 4)
     elif how == "delete":
         f.unlink()
+    elif how == "flip":  # one bit of the last tensor's data: a sound file of the right size that loads by itself
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 1
+        f.write_bytes(bytes(data))
     elif how == "pickle":  # torch.save of a state dict where safetensors belongs (plus a trap)
         torch.save({**net().state_dict(), "trap": _Trap(marker)}, f)
     elif how == "pickle_bin":  # the safetensors file gone, a pickle under the name transformers falls back to
@@ -155,11 +159,11 @@ def _damage(path: Path, name: str, how: str, marker: Path) -> None:
 
 
 WEIGHTS_CASES = [(kind, "model.safetensors", how) for kind in LOADERS
-                 for how in ("truncate", "garbage", "delete", "pickle")]
+                 for how in ("truncate", "garbage", "delete", "pickle", "flip")]
 META_CASES = [(kind, "config.json", how) for kind in ("vqgan", "classifier", "align")
               for how in ("truncate", "bad_json", "no_config")]
 ALIGN_CASES = [("align", "text_encoder/model.safetensors", how)
-               for how in ("truncate", "garbage", "delete", "pickle", "pickle_bin", "drop_tensor")] + \
+               for how in ("truncate", "garbage", "delete", "pickle", "pickle_bin", "drop_tensor", "flip")] + \
               [("align", "text_encoder/config.json", "truncate"), ("align", "text_encoder/tokenizer.json", "truncate"),
                ("align", "text_encoder/tokenizer.json", "delete"), ("align", "bank.json", "truncate"),
                ("align", "bank.json", "garbage")]
@@ -195,3 +199,34 @@ def test_damaged_model_folder_fails_naming_the_file(model_folders, tmp_path, kin
     assert not marker.exists(), "a pickle was unpickled"
     assert "\n" not in msg.strip(), f"not one line: {msg!r}"
     assert Path(name).name in msg and str(path / Path(name).parent) in msg, f"does not name {name}: {msg!r}"
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_flipped_byte_is_refused_before_loading_and_size_mode_opts_out(model_folders, tmp_path, kind,
+                                                                         monkeypatch):
+    """The weight record (weights.sha256.json, written last by every save) catches a flipped byte that the
+    safetensors format itself cannot; $CXRSYNTH_WEIGHTS_CHECK=size (documented for multi-GB pretrained LLMs)
+    checks sizes only and then loads the damaged weights."""
+    path = tmp_path / kind
+    shutil.copytree(model_folders / kind, path)
+    _damage(path, "model.safetensors", "flip", tmp_path / "unused")
+    with pytest.raises(ERRORS[kind], match=r"model.safetensors: corrupted or replaced weights \(sha256"):
+        LOADERS[kind](path)
+    monkeypatch.setenv("CXRSYNTH_WEIGHTS_CHECK", "size")
+    LOADERS[kind](path)  # same size: loads
+    monkeypatch.setenv("CXRSYNTH_WEIGHTS_CHECK", "none")
+    with pytest.raises(ERRORS[kind], match="CXRSYNTH_WEIGHTS_CHECK: expected sha256 or size"):
+        LOADERS[kind](path)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_folder_without_its_weight_record_or_with_an_extra_weight_file_is_refused(model_folders, tmp_path, kind):
+    path = tmp_path / kind
+    shutil.copytree(model_folders / kind, path)
+    shutil.copy(path / "model.safetensors", path / "extra.safetensors")
+    with pytest.raises(ERRORS[kind], match="extra.safetensors: weight file not in weights.sha256.json"):
+        LOADERS[kind](path)
+    (path / "extra.safetensors").unlink()
+    (path / "weights.sha256.json").unlink()
+    with pytest.raises(ERRORS[kind], match=r"weights.sha256.json: missing \(a save that did not finish"):
+        LOADERS[kind](path)

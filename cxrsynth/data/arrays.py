@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrsynth.errors import UserError
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 
@@ -263,7 +264,7 @@ def shrink_npy(path: str | Path, n: int) -> None:
         f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
-class RowOrderError(ValueError):
+class RowOrderError(UserError):
     """A split's manifest rows do not map one-to-one onto the rows of its array."""
 
 

@@ -532,13 +532,23 @@ def _ensure_transfer_syntax(ds: Dataset) -> UID:
     return UID(str(tsyntax))
 
 
+def broken_link_detail(p: Path) -> str:
+    """'broken symbolic link to TARGET' when `p` is a link to nothing, else ''."""
+    if not p.is_symlink():
+        return ""
+    try:
+        return f"broken symbolic link to {os.readlink(p)}"
+    except OSError:
+        return "broken symbolic link"
+
+
 def _open_dataset(path: str | os.PathLike, header_only: bool) -> tuple[Dataset, UID]:
     """dcmread with every failure mapped to a DicomReadError."""
     p = Path(path)
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise DicomReadError(p, "missing_file", "no such file") from None
+        raise DicomReadError(p, "missing_file", broken_link_detail(p) or "no such file") from None
     except OSError as exc:
         raise DicomReadError(p, "missing_file", f"cannot stat: {exc}") from None
     if not p.is_file():

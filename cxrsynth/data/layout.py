@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cxrsynth.errors import UserError
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 RECORD_HEADER = ("subject_id", "study_id", "dicom_id", "path")
@@ -94,6 +95,6 @@ def read_checksums(path: str | Path) -> dict[str, str]:
             continue
         digest, sep, rel = line.partition("  ")
         if not sep or len(digest) != 64 or not rel:
-            raise ValueError(f"{path}:{n}: not a `<sha256>  <path>` line")
+            raise UserError(f"{path}:{n}: not a `<sha256>  <path>` line")
         out[rel.removeprefix("*")] = digest.lower()  # `*` marks binary mode in sha256sum's output
     return out

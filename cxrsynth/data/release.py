@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxrsynth.errors import UserError
 from cxrsynth.data.layout import CHECKSUMS, CSV_NAMES, HEADERS, REPORTS_ZIP, file_sha256
 from cxrsynth.shards import digest
 
@@ -65,5 +66,5 @@ def read_table(root: Path | list[Path], name: str) -> pd.DataFrame:
     return df
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """The input as a whole is unusable (a required file or column is missing); one line naming it."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrsynth.errors import UserError
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 
@@ -47,7 +48,7 @@ REQUIRED_COLUMNS = ("synthetic_id", "prompt_id", "kind", "text", "view", "terms"
                     *OBSERVATIONS)
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError):
     """An input the evaluation cannot use; the message names the file and the problem."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrsynth.errors import UserError
 from cxrsynth.data.arrays import NpyRows
 from cxrsynth.io import file_sha256
 
@@ -30,7 +31,7 @@ SIDECAR = "tokens.json"
 DTYPE = np.uint16
 
 
-class TokenStoreError(ValueError):
+class TokenStoreError(UserError):
     """A token folder does not match its sidecar, or the VQ-GAN it is checked against; one line naming the file."""
 
 

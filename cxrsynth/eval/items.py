@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cxrsynth.errors import UserError
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 ITEMS_FILE = "items.parquet"
@@ -39,7 +40,7 @@ META_KEY = b"cxrsynth"
 FORMAT_VERSION = 1
 
 
-class ItemsError(ValueError):
+class ItemsError(UserError):
     """A per-item table that cannot be used; the message names it."""
 
 

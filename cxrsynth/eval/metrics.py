@@ -36,6 +36,7 @@ import torch
 from scipy import linalg
 from scipy.stats import rankdata
 
+from cxrsynth.errors import UserError
 from cxrsynth.eval.features import Features, IdentityFeatures
 from cxrsynth.images import resize, to_image_tensor
 
@@ -43,7 +44,7 @@ from cxrsynth.images import resize, to_image_tensor
 # comparability
 
 
-class ExtractorMismatch(ValueError):
+class ExtractorMismatch(UserError):
     """Two numbers (or feature sets) from different feature extractors were about to be compared."""
 
 

@@ -447,6 +447,7 @@ class AlignModel(nn.Module):
         self.tokenizer.save_pretrained(str(path / TEXT_DIR))
         if self.bank is not None:
             self.bank.save(path)
+        folder.record_weights(path)  # last: the text encoder's weights too
         return path
 
     @classmethod

@@ -7,6 +7,7 @@ offending file.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,16 +15,22 @@ import safetensors
 import safetensors.torch
 import torch
 
-from cxrsynth.io import read_json_object
+from cxrsynth.errors import UserError, one_line
+from cxrsynth.io import file_sha256, read_json_object
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+WEIGHT_RECORD = "weights.sha256.json"  # size and sha256 of every *.safetensors of the folder, written last by save
+RECORD_FORMAT = "cxrsynth-weight-record"
+# "sha256" (default): sizes, then every weight file's sha256, on every load | "size": sizes only (for a multi-GB
+# pretrained LLM generator whose hashing would cost more than loading it)
+CHECK_ENV = "CXRSYNTH_WEIGHTS_CHECK"
 # the JSON files `transformers` reads from a save_pretrained folder (model config, generation config, tokenizer)
 HF_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "added_tokens.json", "model.safetensors.index.json")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError):
     """A model folder that cannot be loaded; the message names the file and the reason."""
 
 
@@ -35,11 +42,60 @@ def save_folder(module: torch.nn.Module, path: str | Path, fmt: str, version: in
     (path / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     safetensors.torch.save_file(state, str(path / WEIGHTS), metadata={"format": fmt})
+    record_weights(path)
     return path
 
 
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(f for f in path.rglob("*.safetensors") if f.is_file())
+
+
+def record_weights(path: str | Path) -> Path:
+    """Write `weights.sha256.json`: the byte size and sha256 of every `*.safetensors` under the folder. A model's
+    `save` calls it last, so a folder whose save was cut short has no record (or an older one) and is refused."""
+    path = Path(path)
+    files = {f.relative_to(path).as_posix(): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in _weight_files(path)}
+    out = path / WEIGHT_RECORD
+    out.write_text(json.dumps({"format": RECORD_FORMAT, "files": files}, indent=1, sort_keys=True) + "\n",
+                   encoding="utf-8")
+    return out
+
+
+def verify_weights(path: str | Path, error: type[Exception] = ModelFolderError) -> None:
+    """Compare the folder's weight files with its `weights.sha256.json`: the same set of files, each of the recorded
+    size and (unless $CXRSYNTH_WEIGHTS_CHECK=size) sha256. A mismatch raises `error` naming the file; one flipped
+    byte is found before any weight is used."""
+    path = Path(path)
+    rec_file = path / WEIGHT_RECORD
+    if not rec_file.is_file():
+        raise error(f"{rec_file}: missing (a save that did not finish, or a folder from before weight records); "
+                    "re-run the stage that writes this model")
+    rec = read_json_object(rec_file, error, "weight record")
+    files = rec.get("files")
+    if rec.get("format") != RECORD_FORMAT or not isinstance(files, dict):
+        raise error(f"{rec_file}: not a {RECORD_FORMAT} file")
+    mode = os.environ.get(CHECK_ENV, "sha256")
+    if mode not in ("sha256", "size"):
+        raise error(f"${CHECK_ENV}: expected sha256 or size, got {mode!r}")
+    present = {f.relative_to(path).as_posix() for f in _weight_files(path)}
+    for name in sorted(present - set(files)):
+        raise error(f"{path / name}: weight file not in {WEIGHT_RECORD} (added after saving)")
+    for name, entry in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise error(f"{f}: weights missing (listed in {WEIGHT_RECORD})")
+        want = entry.get("bytes") if isinstance(entry, dict) else None
+        if f.stat().st_size != want:
+            raise error(f"{f}: corrupted or truncated weights ({f.stat().st_size} bytes, {WEIGHT_RECORD} says "
+                        f"{want!r})")
+        if mode == "sha256" and file_sha256(f) != entry.get("sha256"):
+            raise error(f"{f}: corrupted or replaced weights (sha256 differs from {WEIGHT_RECORD})")
+
+
 def read_meta(path: str | Path, fmt: str, version: int) -> dict:
-    """Read and check a folder's config.json (exists, valid JSON, right format and version)."""
+    """Read and check a folder's config.json (exists, valid JSON, right format and version) and its weights against
+    their record (`verify_weights`)."""
     cfg_file = Path(path) / CONFIG
     if not cfg_file.is_file():
         raise ModelFolderError(f"{cfg_file}: not a {fmt} folder (config.json missing)")
@@ -48,6 +104,7 @@ def read_meta(path: str | Path, fmt: str, version: int) -> dict:
         raise ModelFolderError(f"{cfg_file}: format {meta.get('format')!r} is not {fmt!r}")
     if meta.get("format_version") != version:
         raise ModelFolderError(f"{cfg_file}: format_version {meta.get('format_version')!r} is not {version}")
+    verify_weights(path)
     return meta
 
 
@@ -57,11 +114,6 @@ def read_config(path: str | Path, meta: dict, from_dict: Callable[[dict], object
         return from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise ModelFolderError(f"{Path(path) / CONFIG}: invalid config ({type(err).__name__}: {err})") from None
-
-
-def one_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message (library errors can span many lines), or its type."""
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def check_files(path: str | Path, error: type[Exception] = ModelFolderError) -> None:

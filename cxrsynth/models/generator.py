@@ -44,8 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrsynth.errors import UserError
 from cxrsynth.io import file_sha256, read_json_object
 from cxrsynth.keypatches import BANK_FILE, KeyPatch, KeyPatchBank
+from cxrsynth.models.folder import record_weights
 from cxrsynth.train import EpochSampler, TrainConfig, TrainResult, dist_info, seed_everything, train
 
 FORMAT = "cxrsynth-generator"
@@ -57,7 +59,7 @@ PAD, UNK, KP, KP_END, IMG, IMG_END = "<pad>", "<unk>", "<kp>", "</kp>", "<img>",
 VIEW_OTHER = "<view_other>"
 
 
-class GeneratorError(ValueError):
+class GeneratorError(UserError):
     """A generator folder or setting that cannot be used; the message names the file or key."""
 
 
@@ -303,6 +305,7 @@ class Generator:
                "image_tokens": f"ids {lay.img_offset}..{lay.img_offset + lay.codebook_size - 1} = codes "
                                f"0..{lay.codebook_size - 1}, {lay.grid[0]}x{lay.grid[1]} raster order", **meta}
         (path / META_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        record_weights(path)  # last: a save cut short leaves no record and the folder is refused
         return path
 
     @classmethod
@@ -310,7 +313,7 @@ class Generator:
         """Rebuild from a folder written by `save`; eval mode."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from cxrsynth.models.folder import check_files, one_line
+        from cxrsynth.models.folder import check_files, one_line, verify_weights
 
         path = Path(path)
         meta_file, w_file = path / META_FILE, path / "model.safetensors"
@@ -322,6 +325,7 @@ class Generator:
             raise GeneratorError(f"{meta_file}: not a {FORMAT} v{FORMAT_VERSION} file")
         if not w_file.is_file():
             raise GeneratorError(f"{w_file}: weights missing")
+        verify_weights(path, GeneratorError)  # sizes and sha256 against weights.sha256.json, before anything is read
         check_files(path, GeneratorError)  # damaged JSON / safetensors files, named, before transformers reads them
         try:
             layout = Layout.from_dict(meta.pop("layout"))

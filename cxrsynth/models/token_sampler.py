@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cxrsynth.config import SynthesizeParams
+from cxrsynth.config import SynthesizeParams, check_field
 from cxrsynth.models.generator import Generator, position_ids
 from cxrsynth.train import autocast_context
 
@@ -52,8 +52,10 @@ class Sampling:
                    batch_size=p.batch_size, dtype=p.dtype)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.batch_size < 1:
-            raise ValueError(f"bad sampling settings {self}")
+        """Each setting by the rules of its params key (type, bounds, finiteness): one table for params.yaml, the
+        command line and code; a bad one raises ConfigError (a ValueError) naming it."""
+        for f in fields(self):
+            check_field(SynthesizeParams, f.name, getattr(self, f.name), key=f"synthesize.{f.name}")
 
 
 def image_seed(base_seed: int, prompt_id: str, prompt_seed: int, sample: int) -> int:

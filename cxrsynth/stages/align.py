@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import stage_params
 from cxrsynth.data.arrays import split_images, split_rows
 from cxrsynth.data.phantom.truth import TRUTH_FILE, truth_by_image
@@ -48,6 +49,7 @@ def split_pairs(manifest: pd.DataFrame, tokens_dir: Path, split: str, vqgan_sha:
 
 def main() -> None:
     params = stage_params()
+    check_outputs(params, "align")
     p, paths = params.align, params.paths
     t0 = time.perf_counter()
     vqgan_dir = Path(paths.models) / "vqgan"
@@ -116,6 +118,3 @@ def main() -> None:
     keys = [k for k in metrics if k.startswith(("retrieval/text_to_image/R@", "pointing/ratio/"))]
     print(f"align: model in {out}; " + ", ".join(f"{k}={metrics[k]}" for k in keys))
 
-
-if __name__ == "__main__":
-    main()

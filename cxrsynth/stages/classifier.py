@@ -11,6 +11,7 @@ Writes:
 - `<metrics>/classifier_roc.png` (test ROC curves) and dvclive training curves in `classifier.live_dir`.
 """
 from __future__ import annotations
+from cxrsynth.stages import check_outputs
 from cxrsynth.data.arrays import split_rows
 
 from pathlib import Path
@@ -39,6 +40,7 @@ def load_labeled(interim: str | Path, split: str) -> LabeledImages:
 
 def main() -> None:
     params = stage_params()
+    check_outputs(params, "classifier")
     p, paths = params.classifier, params.paths
     data = {s: load_labeled(paths.interim, s) for s in ("train", "validate", "test")}
     model, result = fit(p, data["train"], data["validate"], seed=params.base.seed, device=params.base.device,
@@ -72,6 +74,3 @@ def main() -> None:
     print(f"classifier: test macro AUROC {report['macro_auroc']} over {report['macro_auroc_labels']} labels, "
           f"floor FID {floor['fid']:.3f} ({extractor.name}), trained in {result.total_seconds:.0f} s")
 
-
-if __name__ == "__main__":
-    main()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import stage_params
 from cxrsynth.data.arrays import split_images
 from cxrsynth.io import write_json
@@ -29,6 +30,7 @@ from cxrsynth.viz import image_grid
 
 def main() -> None:
     params = stage_params()
+    check_outputs(params, "codebook")
     p, paths = params.codebook, params.paths
     # read per batch from the files (memory bounded by the batch, not by the split)
     train_images = split_images(paths.interim, "train")
@@ -72,6 +74,3 @@ def main() -> None:
           f"{val['codes_used']}/{p.codebook_size} codes ({100 * val['usage']:.0f}%), perplexity "
           f"{val['perplexity']:.1f}, {result.step} steps in {result.total_seconds:.0f} s")
 
-
-if __name__ == "__main__":
-    main()

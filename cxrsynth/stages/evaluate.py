@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import ClassifierParams, EvaluateParams, stage_params
 from cxrsynth.data.arrays import Concat, LabeledImages, RealSplit, iter_chunks, load_real
 from cxrsynth.data.phantom.truth import TRUTH_FILE, truth_by_image
@@ -69,6 +70,7 @@ from cxrsynth.train import pick_device
 
 def main() -> None:
     params = stage_params()
+    check_outputs(params, "evaluate")
     paths = params.paths
     t0 = time.perf_counter()
     device = pick_device(params.base.device)
@@ -91,9 +93,6 @@ def main() -> None:
           f"{metrics.get('utility/real/macro_auroc')}, near copies {metrics.get('privacy/near_copy_rate')} "
           f"in {time.perf_counter() - t0:.0f} s")
 
-
-if __name__ == "__main__":
-    main()
 
 
 def to_size(images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import stage_params
 from cxrsynth.data.phantom.dataset import generate
 from cxrsynth.io import write_json
@@ -16,6 +17,7 @@ from cxrsynth.io import write_json
 
 def main() -> None:
     params = stage_params()
+    check_outputs(params, "fixture")
     t0 = time.perf_counter()
     metrics = generate(params.fixture, params.base.seed, params.paths.phantom_raw, params.paths.phantom_raw_jpg,
                        params.paths.phantom, workers=params.base.num_workers)
@@ -23,6 +25,3 @@ def main() -> None:
     print(f"fixture: {metrics['patients']} patients, {metrics['studies']} studies, {metrics['images']} images "
           f"in {time.perf_counter() - t0:.1f} s -> {params.paths.phantom_raw}")
 
-
-if __name__ == "__main__":
-    main()

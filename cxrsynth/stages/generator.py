@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 import cxrsynth.models.generator as generator_module
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import stage_params
 from cxrsynth.data.arrays import split_rows
 from cxrsynth.data.tokens import load_tokens, read_meta
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--bank", default=None, help="key-patch bank folder (default: <models>/align)")
     args = ap.parse_args()
     params = stage_params()
+    check_outputs(params, "generator")
     p, paths = params.generator, params.paths
     if pick_device(params.base.device).type == "cpu" and p.cpu_threads:
         torch.set_num_threads(p.cpu_threads)
@@ -116,6 +118,3 @@ def main() -> None:
           f"validation loss {metrics['val_loss']} (perplexity {metrics['val_perplexity']} over {k_codes} codes), "
           f"{100 * kp_share:.0f}% of training prompts with key patches")
 
-
-if __name__ == "__main__":
-    main()

@@ -44,6 +44,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import IngestParams, stage_params
 from cxrsynth.data import dicom
 from cxrsynth.data.arrays import NpyRows, iter_chunks, shrink_npy
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         args, shard = stage_arguments("python -m stages.ingest", __doc__.split("\n")[0], "paths.interim",
                                       "<paths.metrics>/ingest.json", argv)
         out = args.out or params.paths.interim
+        check_outputs(params, "ingest", out)
         if shard is not None:
             index, count = shard
             info = ingest_shard(params.ingest, params.paths.raw, params.paths.raw_jpg, out,
@@ -83,9 +85,6 @@ def main(argv: list[str] | None = None) -> None:
           f"({metrics['rejected_by_reason']}); {metrics['images_per_second']} images/s; release "
           f"{metrics['release_sha256']}")
 
-
-if __name__ == "__main__":
-    main()
 
 
 SECTION_COLUMNS = ("impression", "findings", "last_paragraph", "comparison", "indication")
@@ -236,7 +235,7 @@ def load_image(path: Path, source: str, voi: str) -> np.ndarray:
     """Display image in [0,1] (air dark, bone bright) from a DICOM or a MIMIC-CXR-JPG file."""
     if source == "jpg":
         if not path.is_file():
-            raise dicom.DicomReadError(path, "missing_file", "no such file")
+            raise dicom.DicomReadError(path, "missing_file", dicom.broken_link_detail(path) or "no such file")
         try:
             with Image.open(path) as im:
                 return np.asarray(im.convert("L"), dtype=np.float32) / 255.0

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import PromptsParams, stage_params
 from cxrsynth.data.phantom.truth import TRUTH_FILE, iter_truth
 from cxrsynth.io import write_json
@@ -34,6 +35,7 @@ from cxrsynth.text.writers import diversity, make_writer
 
 def main() -> None:
     params = stage_params()
+    check_outputs(params, "prompts")
     sidecar = Path(params.paths.phantom) / TRUTH_FILE
     metrics = run(params.prompts, params.base.seed, Path(params.paths.interim) / "manifest.parquet",
                   Path(params.paths.prompts), sidecar if sidecar.is_file() else None)
@@ -42,9 +44,6 @@ def main() -> None:
             "extraction/absent/macro_f1", "extraction/uncertain/macro_f1")
     print("prompts: " + ", ".join(f"{k}={metrics.get(k)}" for k in keys))
 
-
-if __name__ == "__main__":
-    main()
 
 
 LABELS = [o for o in OBSERVATIONS]

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrsynth.stages import check_outputs
 from cxrsynth.config import Params, stage_params
 from cxrsynth.data.synthetic_writer import write_images, write_tables
 from cxrsynth.io import write_json
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         args, shard = stage_arguments("python -m stages.synthesize", __doc__.split("\n")[0], "paths.synthetic",
                                       "<paths.metrics>/synthesize.json", argv)
         out = args.out or params.paths.synthetic
+        check_outputs(params, "synthesize", out)
         if shard is not None:
             info = run_stage(params, out, shard=shard)
             print(f"synthesize shard {shard[0]}/{shard[1]}: images [{info['start']}, {info['stop']}) of "
@@ -62,9 +64,6 @@ def main(argv: list[str] | None = None) -> None:
           f"{100 * metrics['prompts_with_key_patches']:.0f}% of prompts with key patches, "
           f"{metrics['codes_used']} codes used ({100 * metrics['code_usage']:.0f}% of the codebook) -> {out}")
 
-
-if __name__ == "__main__":
-    main()
 
 
 def params_sha256(params: Params) -> str:

@@ -13,6 +13,7 @@ Encoding always runs in float32 (under bf16 a nearest-code search can flip), so 
 precision settings.
 """
 from __future__ import annotations
+from cxrsynth.stages import check_outputs
 from cxrsynth.data.arrays import split_rows
 
 import time
@@ -61,6 +62,7 @@ def decoded_psnr(model: VQGAN, stored: np.ndarray, images, batch_size: int) -> f
 
 def main() -> None:
     params = stage_params()
+    check_outputs(params, "tokens")
     p, paths = params.tokens, params.paths
     vqgan_dir = Path(paths.models) / "vqgan"
     device = pick_device(params.base.device)
@@ -103,6 +105,3 @@ def main() -> None:
     print(f"tokens: {', '.join(f'{s} {n}' for s, n in counts.items())} images -> {meta.grid_size[0]}x"
           f"{meta.grid_size[1]} tokens of {meta.codebook_size} codes in {paths.tokens}")
 
-
-if __name__ == "__main__":
-    main()

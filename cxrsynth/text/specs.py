@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cxrsynth.errors import UserError
 from cxrsynth.text.findings import Finding, extract_findings
 from cxrsynth.text.vocab import ANATOMY, PATHOLOGIES
 
@@ -22,7 +23,7 @@ CERTAINTIES = ("present", "absent", "uncertain")
 SIDES = ("left", "right", "bilateral")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt request the vocabulary cannot satisfy; the message names the term."""
 
 
