@@ -203,3 +203,29 @@ def test_png_layouts_hold_the_same_images(tmp_path):
             assert (tmp_path / f"out-{layout}" / f"{a['synthetic_id']}.png").read_bytes() == \
                 (tmp_path / "loose" / a["file"]).read_bytes()
     assert cli(["export-png", str(tmp_path / "tar"), "--out", str(tmp_path / "tar" / "inside")]) == 2
+
+
+RADIOLOGIST_PROMPTS = {  # radiologists' own phrasing (not the template writer's) -> the bank key it must reach
+    "Blunting of the right costophrenic angle, likely small effusion.": "pleural effusion",
+    "Layering right effusion with adjacent atelectasis.": "pleural effusion",
+    "Enlarged cardiac silhouette.": "cardiomegaly",
+    "Heart size is moderately enlarged; no pneumothorax.": "cardiomegaly",
+    "Patchy opacity in the left lower lobe concerning for pneumonia.": None,  # terms found, none in the tiny bank
+}
+
+
+def test_radiologists_wording_goes_through_generate(models, tmp_path, capsys):
+    """Free-text prompts: terms extracted, the bank's key patches found where it knows the finding, an image written
+    either way."""
+    for i, (text, key) in enumerate(RADIOLOGIST_PROMPTS.items()):
+        assert terms_of_text(text), text
+        out = tmp_path / f"o{i}"
+        rc = cli(["generate", text, "--out", str(out), "--models", str(models), "--device", "cpu"])
+        assert rc == 0, capsys.readouterr().err
+        row = pd.read_parquet(out / "manifest.parquet").iloc[0]
+        kps = json.loads(row.key_patches)
+        if key is None:
+            assert row.n_key_patches == 0
+        else:
+            assert row.n_key_patches >= 1 and kps[0]["term"] == key, (text, kps)
+        assert (out / row.file).is_file()
