@@ -394,6 +394,9 @@ class GeneratorParams:
     text_vocab_size: int = _opt(1000, lo=50, hi=200000, doc="BPE merges learned from the training reports")
     max_text_tokens: int = _opt(64, lo=0, hi=4096, doc="prompt text is cut to this many tokens")
     key_patches: int = _opt(5, lo=0, hi=256, doc="key patches per prompt (0 = none: the ablation switch)")
+    key_patch_codes: str = _opt("bank", choices=("bank", "image", "mix"),
+                                doc="codes of the training prompts' key patches: the bank's (as at synthesis) | the "
+                                    "training image's own at those cells | mix (per image, half each)")
     prompt_dropout: float = _opt(0.1, lo=0.0, hi=1.0, doc="share of training prompts emptied (view kept) for CFG")
     steps: int = _opt(480, lo=1, hi=100_000_000, doc="optimizer steps")
     batch_size: int = _opt(8, lo=1, hi=4096)

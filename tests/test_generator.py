@@ -1,4 +1,5 @@
 """Generator: tokenizer and layout, key patches chosen as at synthesis time, image-only loss, save -> load."""
+import dataclasses
 import json
 
 import numpy as np
@@ -83,6 +84,36 @@ def test_training_key_patches_are_the_synthesis_ones_and_unknown_terms_give_none
     unc = data.uncond[0].tolist()
     assert unc == gen.unconditional_prompt("PA")[0] and unc[-2:] == [lay.view_id("PA"), lay.img_id]
     assert set(unc[:-4]) == {lay.pad_id}
+
+
+def test_key_patch_codes_from_the_training_image_bank_or_a_seeded_mix():
+    """`image`: the bank's cells with the training image's own codes there (positions as at synthesis); `bank`: the
+    bank's codes; `mix`: per image one or the other, the same for the same seed; stats give the mismatch."""
+    gen = tiny_generator(k=2)
+    lay = gen.layout
+    tokens = (np.arange(len(TEXTS) * 16).reshape(-1, 4, 4) * 7 + 3) % K
+    stats_bank, stats_image = {}, {}
+    bank = training_data(gen, TEXTS, ["PA"] * len(TEXTS), tokens, terms_of_text, stats=stats_bank)
+    own = training_data(gen, TEXTS, ["PA"] * len(TEXTS), tokens, terms_of_text, key_patch_codes="image",
+                        stats=stats_image)
+    changed = 0
+    for i, text in enumerate(TEXTS):
+        kps = gen.bank.select(terms_of_text(text), 2)
+        mine = [dataclasses.replace(kp, code=int(tokens[i][kp.row, kp.col])) for kp in kps]
+        assert own.prompt[i].tolist() == gen.encode_prompt(text, mine, "PA")[0]
+        assert bank.prompt[i].tolist() == gen.encode_prompt(text, kps, "PA")[0]
+        changed += any(m.code != kp.code for m, kp in zip(mine, kps))
+        # the block's positions are the bank's in both: only the code tokens may differ
+        pos = [t for t in own.prompt[i].tolist() if lay.pos_offset <= t < lay.pos_offset + 16]
+        assert pos == [t for t in bank.prompt[i].tolist() if lay.pos_offset <= t < lay.pos_offset + 16]
+    assert changed > 0 and stats_bank["key_patches"] == stats_image["key_patches"] == int(bank.n_key_patches.sum())
+    assert 0 < stats_bank["image_code_differs"] == stats_image["image_code_differs"] <= 1
+    assert stats_bank["own_codes_share"] == 0.0 and stats_image["own_codes_share"] == 1.0
+    mix = [training_data(gen, TEXTS * 4, ["PA"] * len(TEXTS) * 4, np.concatenate([tokens] * 4), terms_of_text,
+                         key_patch_codes="mix", seed=s) for s in (0, 0, 1)]
+    assert torch.equal(mix[0].prompt, mix[1].prompt) and not torch.equal(mix[0].prompt, mix[2].prompt)
+    with pytest.raises(ValueError, match="key_patch_codes"):
+        training_data(gen, TEXTS, ["PA"] * len(TEXTS), tokens, terms_of_text, key_patch_codes="nearest")
 
 
 def test_loss_is_on_image_tokens_only():

@@ -153,6 +153,30 @@ def _macro_auroc(role: str, label_prefix: str, prob_prefix: str = "prob", restri
     return make
 
 
+def _label_auroc(label: str):
+    """AUROC of one label on the synthetic rows (classifier probability vs the prompt's label), over the rows whose
+    label is known; a replicate with one class only gives None."""
+    def make(items: Items):
+        rows_df = items.role("synthetic")
+        col_p = f"prob/{label}"
+        cols_t = label_cols("label")
+        if not len(rows_df) or col_p not in rows_df.columns or any(c not in rows_df.columns for c in cols_t):
+            return lambda rows: None
+        t = eval_targets(rows_df[cols_t].to_numpy(np.float64), items.meta.get("blank_policy", "negative"))
+        t = t[:, OBSERVATIONS.index(label)]
+        p = rows_df[col_p].to_numpy(np.float64)
+
+        def stat(rows: np.ndarray) -> float | None:
+            rows = rows[np.isfinite(t[rows])]
+            y = t[rows] > 0.5
+            if y.all() or not y.any():
+                return None
+            v = _auroc_rows(y[None], p[rows][None])[0]
+            return float(v) if np.isfinite(v) else None
+        return stat
+    return make
+
+
 def _utility_gain(items: Items):
     a = _macro_auroc("real_test", "label", "utility/real_plus_synthetic/prob")(items)
     b = _macro_auroc("real_test", "label", "utility/real/prob")(items)
@@ -242,6 +266,10 @@ HEADLINES: tuple[Headline, ...] = (
              _macro_auroc("synthetic", "source_label", restrict_paired=True),
              "classifier on synthetic images vs the labels of the real image whose report was the prompt",
              subset=_paired_rows),
+    Headline("semantic_auroc_pneumothorax", "synthetic", "semantic/auroc/Pneumothorax", "higher",
+             _label_auroc("Pneumothorax"), "classifier on synthetic images vs the prompt's pneumothorax label, AUROC"),
+    Headline("semantic_auroc_lung_lesion", "synthetic", "semantic/auroc/Lung Lesion", "higher",
+             _label_auroc("Lung Lesion"), "classifier on synthetic images vs the prompt's lung lesion label, AUROC"),
     Headline("ctr_auroc", "synthetic", "phantom/ctr_auroc", "higher", _ctr_auroc,
              "measured cardiothoracic ratio as a score of 'cardiomegaly asked' (phantom)", subset=_finite_ctr),
     Headline("effusion_side", "synthetic", "phantom/effusion_side_accuracy", "higher", _effusion_side,

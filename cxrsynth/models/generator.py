@@ -389,17 +389,41 @@ def code_dtype(codebook_size: int) -> torch.dtype:
     return torch.int16 if codebook_size <= 32768 else torch.int32
 
 
+KEY_PATCH_CODES = ("bank", "image", "mix")
+
+
 def training_data(gen: Generator, texts: Sequence[str], views: Sequence[str], tokens: np.ndarray,
-                  terms_fn: Callable[[str], list]) -> TrainingData:
-    """Sequences of one split: key patches chosen exactly as at synthesis time (`gen.key_patches(terms)`)."""
+                  terms_fn: Callable[[str], list], *, key_patch_codes: str = "bank", seed: int = 0,
+                  stats: dict | None = None) -> TrainingData:
+    """Sequences of one split. Key patches sit at the cells the bank names for the report's terms
+    (`gen.key_patches(terms)`, exactly as at synthesis time); their codes, by `key_patch_codes`:
+    - `bank`: the bank's code for the cell (what synthesis gives): the same for every image with that term, so the
+      block says which cells matter but nothing about this image;
+    - `image`: the training image's own code at that cell (the lineage's grounding): the block then carries
+      information the model can copy, so it learns to place and use it; at synthesis the bank's code stands in;
+    - `mix`: per image, one or the other with probability 1/2 (seeded by `seed`), so the model sees both.
+    `stats` (a dict) receives the train/test mismatch: the share of key patches whose image code differs from the
+    bank's code."""
+    if key_patch_codes not in KEY_PATCH_CODES:
+        raise ValueError(f"key_patch_codes must be one of {KEY_PATCH_CODES}, got {key_patch_codes!r}")
     lay = gen.layout
     n, width = len(texts), lay.prompt_len
     cond, cmask = torch.zeros(n, width, dtype=torch.int32), torch.zeros(n, width, dtype=torch.bool)
     unc, umask = torch.zeros(n, width, dtype=torch.int32), torch.zeros(n, width, dtype=torch.bool)
     nkp = np.zeros(n, np.int64)
     uncond_of: dict[str, tuple[list[int], list[int]]] = {}
+    own = np.random.default_rng(seed).random(n) < 0.5 if key_patch_codes == "mix" else \
+        np.full(n, key_patch_codes == "image")
+    n_kp = n_differ = 0
     for i, (text, view) in enumerate(zip(texts, views)):
         kps = gen.key_patches(terms_fn(text)) if lay.key_patches > 0 else []
+        if kps:
+            grid = np.asarray(tokens[i]).reshape(lay.grid)
+            codes = [int(grid[kp.row, kp.col]) for kp in kps]
+            n_kp += len(kps)
+            n_differ += sum(c != kp.code for c, kp in zip(codes, kps))
+            if own[i]:
+                kps = [dataclasses.replace(kp, code=c) for kp, c in zip(kps, codes)]
         ids, m = gen.encode_prompt(text, kps, view)
         if view not in uncond_of:
             uncond_of[view] = gen.unconditional_prompt(view)
@@ -407,6 +431,9 @@ def training_data(gen: Generator, texts: Sequence[str], views: Sequence[str], to
         cond[i], cmask[i] = torch.tensor(ids, dtype=torch.int32), torch.tensor(m, dtype=torch.bool)
         unc[i], umask[i] = torch.tensor(u, dtype=torch.int32), torch.tensor(um, dtype=torch.bool)
         nkp[i] = len(kps)
+    if stats is not None:
+        stats.update(key_patches=n_kp, image_code_differs=round(n_differ / n_kp, 4) if n_kp else None,
+                     own_codes_share=round(float(own.mean()), 4) if n else None)
     dt = code_dtype(lay.codebook_size)
     codes = torch.empty(len(tokens), lay.n_image_tokens, dtype=dt)
     for s in range(0, len(tokens), 4096):  # a chunk at a time: no int64 copy of the whole split

@@ -70,7 +70,10 @@ def main() -> None:
     gen = new_generator(spec, tokenizer, grid=grid, codebook_size=k_codes, key_patches=p.key_patches,
                         max_text_tokens=p.max_text_tokens, bank=bank, seed=params.base.seed,
                         pretrained_path=p.pretrained_path)
-    data = {s: training_data(gen, texts[s], views[s], tokens[s], terms_of_text) for s in tokens}
+    kp_stats: dict[str, dict] = {s: {} for s in tokens}
+    data = {s: training_data(gen, texts[s], views[s], tokens[s], terms_of_text,
+                             key_patch_codes=p.key_patch_codes if s == "train" else "bank",  # validate as synthesis
+                             seed=params.base.seed, stats=kp_stats[s]) for s in tokens}
     splits = list(tokens)
     del tokens, texts, views, manifest  # training reads the compact TrainingData only
     val = data.get("validate") or data["train"]
@@ -111,6 +114,8 @@ def main() -> None:
                "vocab_size": lay.vocab_size, "prompt_len": lay.prompt_len, "seq_len": lay.seq_len,
                "key_patches": lay.key_patches, "train_prompts_with_key_patches": round(kp_share, 4),
                "train_mean_key_patches": round(float(data["train"].n_key_patches.mean()), 3),
+               "key_patch_codes": p.key_patch_codes,
+               "train_key_patch_image_code_differs": kp_stats["train"].get("image_code_differs"),
                "n_train": len(data["train"].codes), "n_validate": len(val.codes),
                "codebook_size": k_codes, "grid": list(grid), "weights_sha256": weights_sha256(out)}
     write_json(Path(paths.metrics) / "generator.json", metrics)
