@@ -27,7 +27,7 @@ declare -A SETS=(
   [guidance2]="synthesize.guidance_scale=2.0"
   [guidance3]="synthesize.guidance_scale=3.0"
 )
-ORDER="base codes_image codes_mix steps_x3 guidance1.5 guidance2 guidance3"
+ORDER="base codes_image guidance2 steps_x3 codes_mix guidance1.5 guidance3"
 OUT=bench/conditioning
 mkdir -p "$OUT"
 BAK=$(mktemp)
