@@ -6,6 +6,8 @@
 #
 #   bench/conditioning.sh                    # every lever of LEVERS below
 #   LEVERS="base guidance2" bench/conditioning.sh
+#   SEED=1 LEVERS="base guidance2 guidance3 codes_mix" bench/conditioning.sh   # another base.seed (retrains all;
+#                                            # writes bench/conditioning-s1.md and bench/conditioning/<lever>-s1.*)
 #
 # Every lever sets every swept key explicitly, so no lever inherits another's value; params.yaml is restored at
 # the end. `dvc exp show` lists the runs (cond-<lever>-<time>) afterwards.
@@ -29,6 +31,8 @@ declare -A SETS=(
 )
 ORDER="base codes_image guidance2 steps_x3 codes_mix guidance1.5 guidance3"
 OUT=bench/conditioning
+SUFFIX=${SEED:+-s$SEED}
+case ${SEED:-0} in *[!0-9]*) echo "SEED must be a non-negative integer, got '$SEED'" >&2; exit 1 ;; esac
 mkdir -p "$OUT"
 BAK=$(mktemp)
 cp params.yaml "$BAK"
@@ -37,22 +41,22 @@ stamp=$(date +%Y%m%d-%H%M%S)
 runs=()
 for lever in ${LEVERS:-$ORDER}; do
   [ -n "${SETS[$lever]+x}" ] || { echo "unknown lever $lever (one of: $ORDER)" >&2; exit 1; }
-  flags=(-S "generator.key_patch_codes=$CODES" -S "generator.steps=$STEPS" -S "synthesize.guidance_scale=$GUIDE")
+  flags=(${SEED:+-S "base.seed=$SEED"} -S "generator.key_patch_codes=$CODES" -S "generator.steps=$STEPS" -S "synthesize.guidance_scale=$GUIDE")
   for kv in ${SETS[$lever]}; do flags+=(-S "$kv"); done
-  name="cond-$lever-$stamp"
+  name="cond-$lever$SUFFIX-$stamp"
   echo "== $lever: ${flags[*]}"
   start=$(date +%s)
   dvc exp run -n "$name" "${flags[@]}"
   secs=$(( $(date +%s) - start ))
-  cp metrics/evaluate.json "$OUT/$lever.json"
-  cp metrics/generator.json "$OUT/$lever.generator.json"
-  echo "{\"lever\": \"$lever\", \"seconds\": $secs, \"set\": \"${SETS[$lever]}\"}" > "$OUT/$lever.run.json"
-  runs+=("$lever=$name")
+  cp metrics/evaluate.json "$OUT/$lever$SUFFIX.json"
+  cp metrics/generator.json "$OUT/$lever$SUFFIX.generator.json"
+  echo "{\"lever\": \"$lever\", \"seconds\": $secs, \"set\": \"${SETS[$lever]}\"}" > "$OUT/$lever$SUFFIX.run.json"
+  runs+=("$lever$SUFFIX=$name")
   echo "== $lever took $secs s"
 done
 {
-  echo "# Conditioning levers (bench/conditioning.sh, $(date -u +%Y-%m-%d), base.seed 0)"
+  echo "# Conditioning levers (bench/conditioning.sh, $(date -u +%Y-%m-%d), base.seed ${SEED:-as params.yaml})"
   echo
   python -m bench.conditioning "${runs[@]}"
-} > bench/conditioning.md
-echo "wrote bench/conditioning.md"
+} > "bench/conditioning$SUFFIX.md"
+echo "wrote bench/conditioning$SUFFIX.md"
