@@ -25,8 +25,9 @@ from PIL import Image
 
 from cxrsynth.config import stage_params
 from cxrsynth.data.arrays import load_real
-from cxrsynth.data.phantom.truth import TRUTH_FILE, mask_from_rle, truth_by_image
-from cxrsynth.images import place_square, resize, to_image_tensor
+from cxrsynth.data.phantom.truth import TRUTH_FILE, truth_by_image
+from cxrsynth.eval.alignment import region_canvas
+from cxrsynth.images import resize, to_image_tensor
 from cxrsynth.models.vqgan import VQGAN
 
 LATERAL_KINDS = ("effusion", "pneumothorax", "nodule", "mass", "consolidation", "pneumonia", "atelectasis",
@@ -35,13 +36,7 @@ LATERAL_KINDS = ("effusion", "pneumothorax", "nodule", "mass", "consolidation", 
 
 def region_mask(region: dict, rows: int, columns: int, image_size: int, mode: str, side: int) -> np.ndarray:
     """The region on the stored image's geometry (ingest's square resize), then at `side` pixels: bool."""
-    if region.get("mask_rle"):
-        m = mask_from_rle(region["mask_rle"], rows, columns).astype(np.float32)
-    else:
-        m = np.zeros((rows, columns), np.float32)
-        x0, y0, x1, y1 = (int(v) for v in region["box"])
-        m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1.0
-    canvas = place_square(m, image_size, mode, Image.Resampling.BILINEAR)
+    canvas = region_canvas(region, rows, columns, image_size, mode)
     if side != image_size:
         canvas = np.asarray(Image.fromarray(canvas, mode="F").resize((side, side), Image.Resampling.BOX))
     return canvas >= 0.5

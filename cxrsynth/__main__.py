@@ -15,6 +15,7 @@ DIR/images.npy, DIR/manifest.parquet and DIR/contact_sheet.png, like the synthes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -53,8 +54,10 @@ def _defaults() -> dict:
     except ConfigError:
         params = None
     s = params.synthesize if params else SynthesizeParams()
+    max_images = next(f.metadata["hi"] for f in dataclasses.fields(SynthesizeParams)
+                      if f.name == "samples_per_prompt")
     return {"models": params.paths.models if params else "models", "temperature": s.temperature, "top_k": s.top_k,
-            "top_p": s.top_p, "guidance": s.guidance_scale, "batch_size": s.batch_size}
+            "top_p": s.top_p, "guidance": s.guidance_scale, "batch_size": s.batch_size, "max_images": max_images}
 
 
 def checked(section: str, key: str, convert: Callable[[str], object]) -> Callable[[str], object]:
@@ -99,15 +102,12 @@ def output_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(os_error_line(err)) from None
 
 
-MAX_IMAGES = 1000  # -n: the bound of synthesize.samples_per_prompt
-
-
 @command("generate", "synthesize chest X-rays from a text prompt with the trained models")
 def _generate_parser(ap: argparse.ArgumentParser) -> Runner:
     d = _defaults()
     ap.add_argument("text", help="the prompt, e.g. 'Moderate right pleural effusion.'")
     ap.add_argument("-n", "--num", type=checked("synthesize", "samples_per_prompt", int), default=1,
-                    help=f"images to draw, 1..{MAX_IMAGES} (default 1)")
+                    help=f"images to draw, 1..{d['max_images']} (default 1)")
     ap.add_argument("--seed", type=checked("base", "seed", int), default=0, help="0 .. 2^31-1 (default 0)")
     ap.add_argument("--out", required=True, type=output_folder,
                     help="output folder: a folder or a path that does not exist yet (not a file)")

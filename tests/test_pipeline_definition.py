@@ -87,3 +87,22 @@ def test_dependency_scanner_sees_transitive_imports():
     files = {p.as_posix() for p in local_imports(ROOT, "stages.fixture")}
     assert "cxrsynth/config.py" in files
     assert "cxrsynth/text/chexpert.py" in files  # via data.layout, two hops away
+
+
+def test_check_outputs_names_the_folders_dvc_yaml_declares():
+    """cxrsynth.stages.OUTPUTS (what each stage checks before work) is dvc.yaml's outs under `${paths.*}`, metrics
+    and dvclive folders aside, so the two cannot drift apart."""
+    import re
+
+    from cxrsynth.stages import OUTPUTS
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(OUTPUTS) == set(stages)
+    for name, stage in stages.items():
+        declared = set()
+        for out in stage.get("outs", []):
+            path = next(iter(out)) if isinstance(out, dict) else out
+            m = re.fullmatch(r"\$\{paths\.(\w+)\}(?:/(.+))?", path)
+            if m and m.group(1) != "metrics":
+                declared.add(m.group(1) + (f"/{m.group(2)}" if m.group(2) else ""))
+        assert set(OUTPUTS[name]) == declared, name

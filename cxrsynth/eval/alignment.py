@@ -45,10 +45,9 @@ KIND_FINDING: dict[str, tuple[str, tuple[str, ...]]] = {
 REGION_COVER = 0.25  # a grid cell belongs to a region when at least this share of it is covered
 
 
-def region_cells(region: dict, rows: int, columns: int, image_size: int, resize: str,
-                 grid: tuple[int, int]) -> np.ndarray:
-    """Boolean H x W: the token-grid cells a ground-truth region (box or RLE mask, stored-image pixels) covers by at
-    least REGION_COVER, after ingest's square resize (pad or centre crop); at least the best-covered cell."""
+def region_canvas(region: dict, rows: int, columns: int, image_size: int, resize: str) -> np.ndarray:
+    """A ground-truth region (box or RLE mask, in the DICOM's pixels) on the stored image: float image_size x
+    image_size in [0, 1], through ingest's square resize (pad or centre crop)."""
     from PIL import Image
 
     from cxrsynth.images import place_square
@@ -60,7 +59,16 @@ def region_cells(region: dict, rows: int, columns: int, image_size: int, resize:
         mask = np.zeros((rows, columns), np.float32)
         x0, y0, x1, y1 = (int(v) for v in region["box"])
         mask[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1.0
-    canvas = place_square(mask, image_size, resize, Image.Resampling.BILINEAR)  # ingest's geometry
+    return place_square(mask, image_size, resize, Image.Resampling.BILINEAR)  # ingest's geometry
+
+
+def region_cells(region: dict, rows: int, columns: int, image_size: int, resize: str,
+                 grid: tuple[int, int]) -> np.ndarray:
+    """Boolean H x W: the token-grid cells a ground-truth region (box or RLE mask, stored-image pixels) covers by at
+    least REGION_COVER, after ingest's square resize (pad or centre crop); at least the best-covered cell."""
+    from PIL import Image
+
+    canvas = region_canvas(region, rows, columns, image_size, resize)
     h, w = grid
     cover = np.asarray(Image.fromarray(canvas, mode="F").resize((w, h), Image.Resampling.BOX))
     cells = cover >= REGION_COVER
