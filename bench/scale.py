@@ -166,6 +166,20 @@ def mib(b: float) -> str:
 FULL_SPLIT = 256  # a size enters the slope fit when each of its splits fills the stages' largest batch
 
 
+def full_block_train() -> int:
+    """Train images at which one float64 distance block of train x train (classifier's floor, evaluate's nearest
+    neighbours, PRDC radii) reaches `cxrsynth.eval.metrics.CHUNK_BYTES`: below it the block, a fixed cost at
+    scale, grows with N and would read as a slope."""
+    from cxrsynth.eval.metrics import CHUNK_BYTES
+
+    return int(np.ceil(np.sqrt(CHUNK_BYTES / 8)))
+
+
+def in_fit(r: dict) -> bool:
+    counts = r.get("split_counts") or {}
+    return bool(counts) and min(counts.values()) >= FULL_SPLIT and counts.get("train", 0) >= full_block_train()
+
+
 def peak(rec: dict) -> int:
     """The figure fitted: the anonymous-memory peak where bench.measure could read it, else ru_maxrss."""
     return int(rec.get("max_anon_bytes", rec["max_rss_bytes"]))
@@ -173,7 +187,7 @@ def peak(rec: dict) -> int:
 
 def report(results: list[dict]) -> str:
     names = [r["name"] for r in results]
-    full = [r for r in results if r.get("split_counts") and min(r["split_counts"].values()) >= FULL_SPLIT]
+    full = [r for r in results if in_fit(r)]
     if len(full) < 2:  # not enough sizes with full batches: fit over all of them (and say so)
         full = results
     lines = [f"# Stage memory, time and disk against dataset size ({time.strftime('%Y-%m-%d')}, `python -m "
@@ -185,8 +199,9 @@ def report(results: list[dict]) -> str:
              "Per stage process: the anonymous-memory peak (RssAnon + RssShmem, MiB: what RAM must hold; file pages "
              "of memory-mapped inputs are not in it), the `ru_maxrss` peak (MiB, file pages included), wall seconds, "
              "the bytes per image of the anonymous peak fitted (least squares) over the sizes whose every split holds "
-             f">= {FULL_SPLIT} images (" + ", ".join(r["name"] for r in full) + "; a smaller size runs partial "
-             "batches, so its peak is lower for a reason that does not grow with N), and the extrapolation to "
+             f">= {FULL_SPLIT} images and whose train split >= {full_block_train():,} (" + ", ".join(
+                 r["name"] for r in full) + "; a smaller size runs partial batches, or distance blocks smaller than "
+             "their 64 MiB cap, so its peak is lower for a reason that does not grow with N), and the extrapolation to "
              f"MIMIC-CXR's {MIMIC_IMAGES:,} images (fixed + slope x N). Reduced training budgets at every size "
              "(bench/scale.py: BUDGET), one process per stage.", "",
              "| stage | " + " | ".join(f"anon {x}" for x in names) + " | " + " | ".join(f"RSS {x}" for x in names)
@@ -230,10 +245,12 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the scratch copies")
     ap.add_argument("--reuse", default="", help="comma-separated size names whose kept scratch (--workdir/NAME, "
                     "its measure.jsonl) is read instead of run again")
-    ap.add_argument("--report", default="", metavar="JSON", help="only write the table from an earlier --json")
+    ap.add_argument("--report", default="", metavar="JSON[,JSON...]",
+                    help="only write the table from earlier --json files (sizes merged, in order of images)")
     args = ap.parse_args()
     if args.report:
-        text = report(json.loads(Path(args.report).read_text()))
+        merged = [r for f in args.report.split(",") if f for r in json.loads(Path(f).read_text())]
+        text = report(sorted(merged, key=lambda r: r["images"]))
         Path(args.out).write_text(text)
         print(text)
         return
