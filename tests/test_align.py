@@ -156,6 +156,24 @@ def test_similarity_map_points_at_the_finding(toy_model):
     assert len(set(top) & set(KINDS[val.texts[0]][1])) >= 2
 
 
+def test_streamed_token_maps_equal_the_whole_list_and_are_made_a_batch_at_a_time(toy_model):
+    model, _, train, _ = toy_model
+    whole = model.token_maps(train.texts, train.grids, batch_size=4)
+    it = model.iter_token_maps(train.texts, train.grids, batch_size=4)
+    first = next(it)
+    live = {id(first[0])}  # the TextBatch of the batch being read
+    streamed = [first]
+    for item in it:
+        streamed.append(item)
+        live.add(id(item[0]))
+    assert len(streamed) == len(whole) == len(train.texts)
+    for (tb_a, ja, sa), (tb_b, jb, sb) in zip(whole, streamed):
+        assert ja == jb and np.array_equal(sa, sb)
+        assert tb_a.offsets[ja] == tb_b.offsets[jb]
+    assert len(live) == -(-len(train.texts) // 4)  # one text batch per 4 texts, made as the stream reaches it
+    assert not model.training
+
+
 def test_bank_and_key_patches_are_deterministic_and_follow_the_findings(toy_model):
     model, _, train, _ = toy_model
     again = old_rule_bank(model, train.texts, train.grids, size=4, min_support=2)

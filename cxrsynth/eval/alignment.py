@@ -103,8 +103,10 @@ def pointing_cases(model: AlignModel, pairs: Pairs, truths: Sequence[dict | None
     cells of the key patches the bank gives the report's term for that finding (bank-based)."""
     grid = model.config.grid
     cases = []
-    maps = model.token_maps(pairs.texts, pairs.grids)
-    for i, truth in enumerate(truths):
+    # one batch of word-to-patch maps at a time (a split's maps at once would be ~T x H x W x 4 bytes per image:
+    # 128 kB at 128 tokens over 16 x 16)
+    for i, (truth, (tb, row, sims)) in enumerate(zip(truths, model.iter_token_maps(pairs.texts, pairs.grids),
+                                                     strict=True)):
         if not truth:
             continue
         groups: dict[str, np.ndarray] = {}
@@ -121,7 +123,6 @@ def pointing_cases(model: AlignModel, pairs: Pairs, truths: Sequence[dict | None
         text = pairs.texts[i]
         spans = finding_spans(text)
         terms = [t for t in terms_of_text(text) if t.certainty != "absent"]
-        tb, row, sims = maps[i]
         for name, cells in sorted(groups.items()):
             sp = [s for n in names[name] for s in spans.get(n, [])]
             m = span_map(tb, row, sims, sp) if sp else None

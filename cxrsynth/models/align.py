@@ -24,7 +24,7 @@ network (`local_files_only`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -398,25 +398,32 @@ class AlignModel(nn.Module):
         self.train(was)
         return out.numpy()
 
-    @torch.no_grad()
     def token_maps(self, texts: Sequence[str], grids: np.ndarray | torch.Tensor,
                    batch_size: int = 32) -> list[tuple[TextBatch, int, np.ndarray]]:
-        """Per text: (its TextBatch, its row in it, token-to-patch cosine similarities T x H x W over its grid)."""
+        """Per text: (its TextBatch, its row in it, token-to-patch cosine similarities T x H x W over its grid).
+        All of them at once (~T x H x W x 4 bytes per text): for a whole split use `iter_token_maps`."""
+        return list(self.iter_token_maps(texts, grids, batch_size))
+
+    def iter_token_maps(self, texts: Sequence[str], grids: np.ndarray | torch.Tensor,
+                        batch_size: int = 32) -> Iterator[tuple[TextBatch, int, np.ndarray]]:
+        """`token_maps` one text at a time, computed a batch at a time: only the current batch's maps are held."""
         was = self.training
         self.eval()
         h, w = self.config.grid
-        out = []
-        for i in range(0, len(texts), batch_size):
-            tb, t = self._text(texts[i:i + batch_size])
-            g = self._grids(grids[i:i + batch_size])
-            s = torch.einsum("btd,bpd->btp", t, self.embed_patches(g)).float()
-            pm = self.patch_mask(g)
-            if pm is not None:  # empty film never wins: it gets the map's lowest value
-                s = torch.where(pm[:, None, :], s, s.amin(-1, keepdim=True))
-            s = s.cpu().numpy()
-            out.extend((tb, j, s[j].reshape(-1, h, w)) for j in range(len(s)))
-        self.train(was)
-        return out
+        try:
+            for i in range(0, len(texts), batch_size):
+                with torch.no_grad():
+                    tb, t = self._text(texts[i:i + batch_size])
+                    g = self._grids(grids[i:i + batch_size])
+                    s = torch.einsum("btd,bpd->btp", t, self.embed_patches(g)).float()
+                    pm = self.patch_mask(g)
+                    if pm is not None:  # empty film never wins: it gets the map's lowest value
+                        s = torch.where(pm[:, None, :], s, s.amin(-1, keepdim=True))
+                    s = s.cpu().numpy()
+                for j in range(len(s)):
+                    yield tb, j, s[j].reshape(-1, h, w)
+        finally:
+            self.train(was)
 
     def similarity_map(self, text: str, grid: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Word-to-patch similarity of one text over one grid: the text's words (punctuation left out, word pieces
