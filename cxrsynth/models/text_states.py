@@ -4,8 +4,8 @@ With a frozen BERT the alignment heads train on its token states, which depend o
 (227k reports x ~100 tokens x 384 floats) they are tens of GB, so they never sit in RAM as one N x L x D tensor:
 
 - `encode_text_states` encodes every distinct text once, in batches of texts with exactly the same token count (no
-  padding at all: each text's states equal those of encoding it on its own, up to the rounding of a larger matmul;
-  bit for bit with one torch thread, not with several, so the align stage encodes one text per call on a CPU) and
+  padding at all: each text's states equal those of encoding it on its own up to the rounding of a larger matmul,
+  and were bit for bit on this 2-core CPU for all of the default phantom's reports; the align stage batches 64) and
   writes them into a ragged store: `states.npy` (all tokens of all distinct texts, T_total x D, float32 or float16),
   `offsets.npy` (int64, distinct texts + 1) and `rows.npy` (int32: input row -> distinct text), plus
   `store.json` (what was encoded: a fingerprint of the encoder, the tokenizer settings and the texts). A folder
