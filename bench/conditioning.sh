@@ -18,8 +18,8 @@ if ! git config user.name >/dev/null || ! git config user.email >/dev/null; then
   echo "dvc exp needs git user.name and user.email (git config ...)" >&2; exit 1
 fi
 # the defaults the levers move away from (read from params.yaml, so the baseline is what make repro runs)
-read -r CODES STEPS GUIDE < <(python -c "import yaml; p = yaml.safe_load(open('params.yaml')); \
-g, s = p['generator'], p['synthesize']; print(g['key_patch_codes'], g['steps'], s['guidance_scale'])")
+read -r CODES STEPS GUIDE TEXT < <(python -c "import yaml; p = yaml.safe_load(open('params.yaml')); \
+g, s = p['generator'], p['synthesize']; print(g['key_patch_codes'], g['steps'], s['guidance_scale'], g['max_text_tokens'])")
 declare -A SETS=(
   [base]=""
   [codes_image]="generator.key_patch_codes=image"
@@ -28,8 +28,9 @@ declare -A SETS=(
   [guidance1.5]="synthesize.guidance_scale=1.5"
   [guidance2]="synthesize.guidance_scale=2.0"
   [guidance3]="synthesize.guidance_scale=3.0"
+  [text128]="generator.max_text_tokens=128"
 )
-ORDER="base codes_image guidance2 steps_x3 codes_mix guidance1.5 guidance3"
+ORDER="base codes_image guidance2 steps_x3 codes_mix guidance1.5 guidance3 text128"
 OUT=bench/conditioning
 SUFFIX=${SEED:+-s$SEED}
 case ${SEED:-0} in *[!0-9]*) echo "SEED must be a non-negative integer, got '$SEED'" >&2; exit 1 ;; esac
@@ -41,7 +42,7 @@ stamp=$(date +%Y%m%d-%H%M%S)
 runs=()
 for lever in ${LEVERS:-$ORDER}; do
   [ -n "${SETS[$lever]+x}" ] || { echo "unknown lever $lever (one of: $ORDER)" >&2; exit 1; }
-  flags=(${SEED:+-S "base.seed=$SEED"} -S "generator.key_patch_codes=$CODES" -S "generator.steps=$STEPS" -S "synthesize.guidance_scale=$GUIDE")
+  flags=(${SEED:+-S "base.seed=$SEED"} -S "generator.key_patch_codes=$CODES" -S "generator.steps=$STEPS" -S "synthesize.guidance_scale=$GUIDE" -S "generator.max_text_tokens=$TEXT")
   for kv in ${SETS[$lever]}; do flags+=(-S "$kv"); done
   name="cond-$lever$SUFFIX-$stamp"
   echo "== $lever: ${flags[*]}"
