@@ -57,7 +57,8 @@ def _defaults() -> dict:
     max_images = next(f.metadata["hi"] for f in dataclasses.fields(SynthesizeParams)
                       if f.name == "samples_per_prompt")
     return {"models": params.paths.models if params else "models", "temperature": s.temperature, "top_k": s.top_k,
-            "top_p": s.top_p, "guidance": s.guidance_scale, "batch_size": s.batch_size, "max_images": max_images}
+            "top_p": s.top_p, "guidance": s.guidance_scale,
+            "key_patch_placement": s.key_patch_placement, "batch_size": s.batch_size, "max_images": max_images}
 
 
 def checked(section: str, key: str, convert: Callable[[str], object]) -> Callable[[str], object]:
@@ -120,6 +121,9 @@ def _generate_parser(ap: argparse.ArgumentParser) -> Runner:
                     help="0.01 .. 1 (1 = off)")
     ap.add_argument("--guidance", type=checked("synthesize", "guidance_scale", float), default=d["guidance"],
                     help="classifier-free guidance scale, 1 (off) .. 50")
+    ap.add_argument("--key-patches", type=checked("synthesize", "key_patch_placement", str),
+                    default=d["key_patch_placement"],
+                    help="prompt (they condition the model) | force (their codes are also written at their cells)")
     ap.add_argument("--batch-size", type=checked("synthesize", "batch_size", int), default=d["batch_size"])
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dicom", action="store_true", help="also write DICOM copies marked synthetic")
@@ -134,7 +138,8 @@ def _generate(args: argparse.Namespace) -> int:
     from cxrsynth.train import pick_device
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        guidance_scale=args.guidance, batch_size=args.batch_size)
+                        guidance_scale=args.guidance, key_patch_placement=args.key_patches,
+                        batch_size=args.batch_size)
     gen, vqgan, hashes = load_models(args.models, device=pick_device(args.device))
     prompt = PromptRecord(prompt_id="cli", text=args.text, view=args.view, kind="cli", terms=terms_of_text(args.text))
     syn = synthesize(gen, vqgan, [prompt], sampling, base_seed=args.seed, samples_per_prompt=args.num,

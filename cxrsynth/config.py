@@ -360,6 +360,9 @@ class AlignParams:
     dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = _opt(False, doc="torch.compile the model")
     eval_every: int = _opt(100, lo=1, hi=10_000_000, doc="validation retrieval (mean R@5 selects the weights)")
+    retrieval_max: int = _opt(512, lo=0, hi=100_000_000,
+                              doc="validate pairs the retrieval metrics use, the first n in image order (0 = all): "
+                                  "the word-to-patch similarity of every text with every image is quadratic in n")
     checkpoint_every: int = _opt(50, lo=1, hi=100_000_000, doc="resumable checkpoint interval (steps)")
     bank: BankParams = field(default_factory=BankParams)
     pointing_k: int = _opt(5, lo=1, hi=256, doc="top-k cells of the pointing game (metric only; the generator has "
@@ -434,6 +437,10 @@ class SynthesizeParams:
     top_p: float = _opt(1.0, lo=0.01, hi=1.0, doc="1 = off")
     guidance_scale: float = _opt(1.0, lo=1.0, hi=50.0, doc="classifier-free guidance (1 = off; below 1 would "
                                                              "weaken or reverse the prompt, so it is refused)")
+    key_patch_placement: str = _opt("prompt", choices=("prompt", "force"),
+                                    doc="prompt: key patches only condition the model (the paper) | force: each key "
+                                        "patch's code is also written at its cell while sampling (the tokens after "
+                                        "it condition on it)")
     batch_size: int = _opt(128, lo=1, hi=65536, doc="prompts sampled together")
     dtype: str = _opt("auto", choices=("auto", "float32", "bfloat16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
     write_dicom: bool = _opt(False, doc="also write DICOM copies marked synthetic")

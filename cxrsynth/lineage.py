@@ -150,7 +150,8 @@ def lineage(repo: str | Path, target: str) -> dict:
                   if producer(stages, d["path"]) is None and not d["path"].endswith(CODE_SUFFIXES)})
     return {
         "image": {**{k: row.get(k) for k in ("synthetic_id", "prompt_id", "sample", "kind", "text", "view", "seed",
-                                              "temperature", "top_k", "top_p", "guidance_scale", "source_study_id")},
+                                              "temperature", "top_k", "top_p", "guidance_scale", "key_patch_placement",
+                                              "source_study_id")},
                   "terms": json.loads(row["terms"]) if row.get("terms") else [],
                   "key_patches": json.loads(row["key_patches"]) if row.get("key_patches") else [],
                   "file": image.relative_to(repo).as_posix(), "file_sha256": row.get("png_sha256"),
@@ -240,7 +241,7 @@ def format_report(report: dict, problems: list[str] | None = None) -> str:
              f"  prompt {img['prompt_id']} [{img['kind']}], view {img['view']}, seed {img['seed']}, sample "
              f"{img['sample']}",
              f"  sampling: temperature {img['temperature']}, top_k {img['top_k']}, top_p {img['top_p']}, guidance "
-             f"{img['guidance_scale']}",
+             f"{img['guidance_scale']}, key patches {img.get('key_patch_placement') or 'prompt'}",
              "  text: " + " ".join(str(img["text"]).split()),
              "  terms: " + "; ".join(", ".join(f"{k}={v}" for k, v in t.items()) for t in img["terms"]),
              "  key patches: " + (", ".join(f"{k['term']}@({k['row']},{k['col']}) code {k['code']}"

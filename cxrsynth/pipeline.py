@@ -154,7 +154,9 @@ def synthesize(gen: Generator, vqgan, prompts: Sequence[PromptRecord], sampling:
                          **{o: float(p.labels.get(o, float("nan"))) for o in OBSERVATIONS},
                          "source_study_id": p.source_study_id, "source_dicom_id": p.source_dicom_id,
                          "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-                         "guidance_scale": sampling.guidance_scale, **(hashes or {}), "n_key_patches": len(kps)})
+                         "guidance_scale": sampling.guidance_scale,
+                         "key_patch_placement": sampling.key_patch_placement, **(hashes or {}),
+                         "n_key_patches": len(kps)})
             encoded.append(ids)
             seeds.append(seed)
             views.append(p.view)

@@ -456,3 +456,14 @@ def test_report_text_and_params():
         params_from_dict({"align": {"text_encoder": "pretrained"}})
     with pytest.raises(ConfigError, match="align.text_encoder"):
         params_from_dict({"align": {"text_encoder": "gpt"}})
+
+
+def test_retrieval_subset_is_the_first_pairs_and_all_when_the_cap_is_off_or_above_n():
+    grids = np.arange(5 * 2 * 2, dtype=np.uint16).reshape(5, 2, 2)
+    pairs = Pairs([f"t{i}" for i in range(5)], grids, np.array([0, 0, 1, 2, 2]))
+    head = pairs.head(3)
+    assert head.texts == ["t0", "t1", "t2"] and np.array_equal(head.grids, grids[:3])
+    assert head.groups.tolist() == [0, 0, 1]
+    assert pairs.head(0) is pairs and pairs.head(5) is pairs and pairs.head(99) is pairs
+    with pytest.raises(ConfigError, match="align.retrieval_max"):
+        params_from_dict({"align": {"retrieval_max": -1}})

@@ -205,3 +205,34 @@ def test_align_training_batches_equal_the_old_padded_cache(tmp_path):
     for b, r in enumerate(rows):
         n = len(old[pairs.texts[r]])
         assert torch.equal(batch["hidden"][b, :n], old[pairs.texts[r]]) and not batch["hidden"][b, n:].any()
+
+
+def test_frozen_text_states_cache_is_bounded_and_does_not_change_the_embeddings(tmp_path, monkeypatch):
+    """The per-model cache of frozen text states keeps at most HIDDEN_CACHE_TEXTS texts (LRU); evicting and
+    re-encoding a text gives exactly the states it had."""
+    from test_align import TOY_PARAMS
+    from toys import toy_pairs
+
+    import dataclasses
+
+    from cxrsynth.models import align as align_mod
+    from cxrsynth.models.align_training import build_model
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    save_tiny_bert(bert)
+    texts = list(dict.fromkeys(toy_pairs(3, 0).texts))
+    assert len(texts) >= 4
+    p = dataclasses.replace(TOY_PARAMS, text_encoder="pretrained", text_model_path=str(bert), freeze_text=True)
+    codebook = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    model = build_model(p, texts, codebook, (4, 4), tmp_path, str(bert), ())
+    _, full = model._text(texts)                        # default bound: everything stays
+    assert len(model.__dict__["_hidden_cache"]) == len(texts)
+    model.clear_cache()
+    monkeypatch.setattr(align_mod, "HIDDEN_CACHE_TEXTS", 2)
+    for t in texts:                                     # streamed one at a time: the cache never exceeds 2
+        model._text([t])
+        assert len(model.__dict__["_hidden_cache"]) <= 2
+    assert list(model.__dict__["_hidden_cache"]) == texts[-2:]   # the most recent ones
+    _, again = model._text(texts)                       # more texts in one call than the bound: all still right
+    assert torch.equal(again, full) and len(model.__dict__["_hidden_cache"]) == 2

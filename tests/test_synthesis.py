@@ -89,6 +89,36 @@ def test_the_kv_cache_matches_a_full_forward():
     assert np.array_equal(logits.argmax(-1).numpy(), codes)   # greedy with cache == greedy from whole sequences
 
 
+def test_key_patch_cells_read_back_what_the_prompt_wrote():
+    gen = tiny_generator()
+    lay = gen.layout
+    kps = [KeyPatch(5, 3, 1, 0.9, "a"), KeyPatch(15, 0, 2, 0.5, "b")]   # code, row, col
+    ids, _ = lay.prompt([lay.kp_id, lay.kp_end_id, 7], kps, "PA")   # text that spells the block's own ids
+    assert lay.key_patch_cells(ids) == [(3 * GRID[1] + 1, 5), (2, 15)]
+    assert lay.key_patch_cells(lay.prompt([7, 8], [], "PA")[0]) == []                 # an empty block
+    assert lay.key_patch_cells(gen.unconditional_prompt("PA")[0]) == []               # no block at all
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_forced_key_patches_sit_at_their_cells_and_leave_the_draws_before_them_alone(guidance):
+    gen = tiny_generator()
+    prompts = prompts_of(gen, TEXTS[:4])          # effusion (one patch at cell 3), cardiomegaly (two), none
+    cells = [gen.layout.key_patch_cells(p[0]) for p in prompts]
+    assert cells[0] and cells[1] and not cells[2]
+    free = Sampling(batch_size=4, guidance_scale=guidance)
+    force = Sampling(batch_size=4, guidance_scale=guidance, key_patch_placement="force")
+    a = sample_codes(gen, prompts, [1, 2, 3, 4], free, views=["PA"] * 4).reshape(4, -1)
+    b = sample_codes(gen, prompts, [1, 2, 3, 4], force, views=["PA"] * 4).reshape(4, -1)
+    for i, kp in enumerate(cells):
+        for cell, code in kp:
+            assert b[i, cell] == code
+        first = min((c for c, _ in kp), default=a.shape[1])
+        assert np.array_equal(a[i, :first], b[i, :first])      # same uniforms, same prefix up to the first patch
+    assert np.array_equal(a[2], b[2])                          # no key patches: nothing forced
+    alone = sample_codes(gen, [prompts[1]], [2], force, views=["PA"])
+    assert np.array_equal(alone[0].reshape(-1), b[1])          # forced images are still reproducible alone
+
+
 def test_filter_and_pick_known_values():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     p = filter_logits(logits, 1.0, 2, 1.0)
@@ -166,6 +196,13 @@ def test_generate_command_on_tiny_models(models, tmp_path, capsys):
     assert rc == 0 and len(pd.read_parquet(tmp_path / "o2" / "manifest.parquet")) == 1
     rc = cli(["generate", "x", "--out", str(tmp_path / "o3"), "--models", str(tmp_path / "nothing")])
     assert rc == 2 and "train it first" in capsys.readouterr().err
+    rc = cli(["generate", "Moderate right pleural effusion.", "--out", str(tmp_path / "o4"), "--models", str(models),
+              "--device", "cpu", "--key-patches", "force"])
+    forced = pd.read_parquet(tmp_path / "o4" / "manifest.parquet").iloc[0]
+    assert rc == 0 and forced.key_patch_placement == "force"
+    with pytest.raises(SystemExit) as err:
+        cli(["generate", "x", "--out", str(tmp_path / "o5"), "--models", str(models), "--key-patches", "sideways"])
+    assert err.value.code == 2 and "key_patch_placement" in capsys.readouterr().err
 
 
 def test_png_layouts_hold_the_same_images(tmp_path):

@@ -24,6 +24,7 @@ network (`local_files_only`).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ def global_similarity(text: torch.Tensor, text_mask: torch.Tensor, patches: torc
 
 # ----------------------------------------------------------------------------------------------------------------
 # the model
+
+HIDDEN_CACHE_TEXTS = 1024  # frozen text states kept per model object (LRU), ~L x 1.5 kB each
 
 @dataclass(frozen=True)
 class AlignConfig:
@@ -331,14 +334,23 @@ class AlignModel(nn.Module):
             return tb, self.embed_text(self.text_hidden(ids, att), att)
         # a frozen encoder's token states depend on the text alone: each text is encoded once per model object, on
         # its own (no padding), so the result never depends on which other texts came in the same call
-        cache = self.__dict__.setdefault("_hidden_cache", {})
+        # The cache keeps the most recently used HIDDEN_CACHE_TEXTS texts (the retrieval subset re-read at every
+        # evaluation fits); a split streamed once (pointing over every validate / test image) passes through it
+        # instead of piling up ~L x 1.5 kB per text.
+        cache = self.__dict__.setdefault("_hidden_cache", OrderedDict())
+        states = {}
         for t in dict.fromkeys(texts):
-            if t not in cache:
+            if t in cache:
+                cache.move_to_end(t)
+            else:
                 sub = self.tokenize([t])
                 cache[t] = self.text_hidden(sub.input_ids.to(self.device), sub.attention_mask.to(self.device))[0]
+            states[t] = cache[t]
+        while len(cache) > HIDDEN_CACHE_TEXTS:
+            cache.popitem(last=False)
         hidden = torch.zeros(len(texts), ids.shape[1], int(self.config.text_hidden), device=self.device)
         for r, t in enumerate(texts):
-            hidden[r, :len(cache[t])] = cache[t]
+            hidden[r, :len(states[t])] = states[t]
         return tb, self.embed_text(hidden, att)
 
     def clear_cache(self) -> None:

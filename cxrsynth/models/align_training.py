@@ -53,6 +53,13 @@ class Pairs:
         if not len(self.texts) == len(self.grids) == len(self.groups):
             raise ValueError(f"{len(self.texts)} texts, {len(self.grids)} grids, {len(self.groups)} groups")
 
+    def head(self, n_max: int) -> Pairs:
+        """The first `n_max` pairs (all when n_max is 0 or at least their number): a fixed subset, the same at every
+        evaluation and in every run."""
+        if n_max <= 0 or n_max >= len(self.texts):
+            return self
+        return Pairs(list(self.texts[:n_max]), self.grids[:n_max], np.asarray(self.groups)[:n_max])
+
 
 def background_codes(grids: np.ndarray, share: float = 0.02, inner_rate: float = 0.005) -> tuple[int, ...]:
     """Codes of empty film: those found in the four corner cells of at least `share` of the images, and in at most
@@ -196,8 +203,10 @@ def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed:
     def loss_fn(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         return model.loss(net(**batch))
 
+    held = validate.head(getattr(p, "retrieval_max", 0))
+
     def evaluate(net: AlignModel) -> dict:
-        r = retrieval_metrics(net.similarity_matrix(validate.texts, validate.grids), validate.groups, ks=(1, 5))
+        r = retrieval_metrics(net.similarity_matrix(held.texts, held.grids), held.groups, ks=(1, 5))
         return {"recall_at_5": 0.5 * (r["text_to_image/R@5"] + r["image_to_text/R@5"]),
                 "recall_at_1": 0.5 * (r["text_to_image/R@1"] + r["image_to_text/R@1"])}
 

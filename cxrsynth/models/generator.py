@@ -133,6 +133,23 @@ class Layout:
         n_pad = self.prompt_len - len(body)
         return [self.pad_id] * n_pad + body, [0] * n_pad + [1] * len(body)
 
+    def key_patch_cells(self, ids: Sequence[int]) -> list[tuple[int, int]]:
+        """(raster cell, code) of each key patch in a prompt made by `prompt`, read back from its ids: the block sits
+        just before the view and `<img>`, so it is parsed from the end and text can never be mistaken for it."""
+        ids = list(ids)
+        if self.key_patches <= 0 or len(ids) < 3 or ids[-3] != self.kp_end_id:
+            return []
+        out, j = [], len(ids) - 4
+        while j >= 1 and ids[j] != self.kp_id:
+            pos, code = ids[j - 1] - self.pos_offset, ids[j] - self.img_offset
+            if not (0 <= pos < self.n_image_tokens and 0 <= code < self.codebook_size):
+                raise GeneratorError(f"key-patch block holds ids {ids[j - 1]}, {ids[j]}: not <pos_i> <img_c>")
+            out.append((pos, code))
+            j -= 2
+        if j < 0 or ids[j] != self.kp_id:
+            raise GeneratorError("key-patch block has no opening <kp>")
+        return out[::-1]
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["grid"] = list(self.grid)

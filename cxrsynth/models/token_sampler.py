@@ -5,7 +5,10 @@ Sampler (`sample_codes`): prompts are batched (all have the same length, see `cx
 the prompt is run once and every image token after it reuses the KV cache (one new token per step). At every step the
 logits are restricted to the K image tokens, so exactly H x W valid codes come out: no retry loop, nothing to repair.
 Temperature (0 = greedy), top-k, top-p and classifier-free guidance (`guidance_scale` s: logits = u + s (c - u), u
-from the unconditional prompt that keeps only the view; 1 = off, no extra pass) apply to those K logits.
+from the unconditional prompt that keeps only the view; 1 = off, no extra pass) apply to those K logits. With
+`key_patch_placement: force` the prompt's key patches are also placements: at a key patch's cell the sampler emits
+that patch's code instead of drawing one (the image's uniform for that cell goes unused), and every later token
+conditions on it through the cache, as it would on a drawn one.
 
 Randomness: one seeded `torch.Generator` per image draws that image's H*W uniforms up front, and each token is picked
 by inverse-CDF sampling with its own uniform. Every prompt has the same padded length, and a row's computation does
@@ -43,13 +46,14 @@ class Sampling:
     top_k: int = _default("top_k")                      # 0 = off
     top_p: float = _default("top_p")                    # 1 = off
     guidance_scale: float = _default("guidance_scale")  # 1 = no classifier-free guidance
+    key_patch_placement: str = _default("key_patch_placement")  # prompt | force (codes written at their cells)
     batch_size: int = _default("batch_size")
     dtype: str = _default("dtype")                      # auto (bf16 autocast on CUDA) | float32 | bfloat16
 
     @classmethod
     def from_params(cls, p: SynthesizeParams) -> Sampling:
         return cls(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, guidance_scale=p.guidance_scale,
-                   batch_size=p.batch_size, dtype=p.dtype)
+                   key_patch_placement=p.key_patch_placement, batch_size=p.batch_size, dtype=p.dtype)
 
     def __post_init__(self) -> None:
         """Each setting by the rules of its params key (type, bounds, finiteness): one table for params.yaml, the
@@ -132,6 +136,11 @@ def sample_codes(gen: Generator, prompts: Sequence[tuple[list[int], list[int]]],
         ids, mask = ids.to(device), mask.to(device)
         pos = position_ids(mask)
         codes = torch.zeros(b, hw, dtype=torch.long)
+        forced = torch.full((b, hw), -1, dtype=torch.long)  # a key patch's code at its cell, -1 = draw
+        if sampling.key_patch_placement == "force":
+            for r, i in enumerate(sl):
+                for cell, c in lay.key_patch_cells(prompts[i][0]):
+                    forced[r, cell] = c
         with autocast_context(device, sampling.dtype):  # auto: bf16 only where the GPU has it
             res = gen.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
             past, last = _cache_of(res), pos[:, -1:]
@@ -145,6 +154,7 @@ def sample_codes(gen: Generator, prompts: Sequence[tuple[list[int], list[int]]],
                 else:
                     code = pick(filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p),
                                 uniforms[:, t])
+                code = torch.where(forced[:, t] >= 0, forced[:, t], code)
                 codes[:, t] = code
                 bar.update(b)
                 if t == hw - 1:

@@ -82,8 +82,10 @@ def main() -> None:
                      "bank/keys": len(model.bank.entries),
                      "bank/pathology_anatomy_keys": sum("|" in k for k in model.bank.entries)}
     if len(validate.texts):
-        sim = model.similarity_matrix(validate.texts, validate.grids)
-        metrics.update({f"retrieval/{k}": v for k, v in retrieval_metrics(sim, validate.groups).items()})
+        held = validate.head(p.retrieval_max)
+        sim = model.similarity_matrix(held.texts, held.grids)
+        metrics.update({f"retrieval/{k}": v for k, v in retrieval_metrics(sim, held.groups).items()})
+        metrics["retrieval/n"] = len(held.texts)
 
     sidecar = Path(paths.phantom) / TRUTH_FILE
     tiles, caps = [], []

@@ -128,7 +128,8 @@ def run_stage(params: Params, out: str | Path, shard: tuple[int, int] | None = N
     ctx = {"prompts": len(prompts), "codebook_size": gen.layout.codebook_size, "device": device.type,
            "hashes": hashes,
            "title": f"synthetic chest X-rays ({p.prompt_source}; T={p.temperature}, top-k {p.top_k}, "
-                    f"top-p {p.top_p}, guidance {p.guidance_scale}; k={gen.layout.key_patches} key patches)"}
+                    f"top-p {p.top_p}, guidance {p.guidance_scale}; k={gen.layout.key_patches} key patches"
+                    + (", forced at their cells)" if p.key_patch_placement == "force" else ")")}
     if shard is None:
         df = write_tables(out, rows, syn.images, sheet_images=p.contact_sheet_images, title=ctx["title"])
         return _metrics(params, df, syn.codes, syn.images, ctx, syn.sample_seconds, time.perf_counter() - t0)
