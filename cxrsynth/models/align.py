@@ -119,6 +119,7 @@ def global_similarity(text: torch.Tensor, text_mask: torch.Tensor, patches: torc
 
 HIDDEN_CACHE_TEXTS = 1024  # frozen text states kept per model object (LRU), ~L x 1.5 kB each
 
+
 @dataclass(frozen=True)
 class AlignConfig:
     grid: tuple[int, int]

@@ -203,7 +203,7 @@ def fit(p, train_pairs: Pairs, validate: Pairs, codebook: torch.Tensor, *, seed:
     def loss_fn(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         return model.loss(net(**batch))
 
-    held = validate.head(getattr(p, "retrieval_max", 0))
+    held = validate.head(p.retrieval_max)
 
     def evaluate(net: AlignModel) -> dict:
         r = retrieval_metrics(net.similarity_matrix(held.texts, held.grids), held.groups, ks=(1, 5))
