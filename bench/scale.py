@@ -2,6 +2,8 @@
 
     python -m bench.scale [--sizes small=40,default=300,large=12000] [--workdir /tmp/cxrsynth-scale]
                           [--out bench/scale.md] [--keep]
+    python -m bench.scale --sizes med=3000,large=12000 --reuse med,large --rerun codebook,classifier \
+                          --malloc fixed --out bench/scale-fixed.md --json bench/scale-fixed.json
 
 For each size (phantom patients), in a scratch copy of this working tree (code, dvc.yaml, params.yaml; no data):
 1. write the phantom directly (`stages.fixture`, outside DVC, as a user's download would be: at MIMIC scale the
@@ -14,6 +16,14 @@ For each size (phantom patients), in a scratch copy of this working tree (code, 
 Then, per stage, a least-squares line of peak RSS against the number of accepted images gives the fixed cost and
 the bytes per image, and the extrapolation to 377,110 images. Target: every slope <= 2 kB per image; `dvc status`
 at the large size within 2x of the default's. Writes the markdown table to --out and prints it.
+
+`--malloc fixed` runs the stages with glibc's mmap and trim thresholds fixed at 128 KiB
+(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`): every block over 128 KiB is its own mapping, returned to the
+kernel when freed, so the anonymous peak is what the code holds live (measured: codebook at 5,114 images, 511 MiB
+against memray's 516 MiB high-water mark) and not what the allocator kept of freed blocks (767-832 MiB over four
+default runs). It is a measurement mode, ~1.5x slower (bench/generator.py), not a setting for users. With
+`--reuse`, `--rerun STAGE,...` runs those stages again in the kept scratch (their checkpoints removed, so they
+train again) and the table holds only them.
 
 All stages run single-process (`base.num_workers: 0`, one torch thread per the stages' own settings), so each
 stage's peak is one process's.
@@ -116,18 +126,34 @@ def du(path: Path) -> int:
     return int(run(["du", "-sb", str(path)], path.parent).stdout.split()[0])
 
 
-def one_size(name: str, patients: int, workdir: Path, reuse: bool = False) -> dict:
+MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+CHECKPOINTS = {"classifier": "classifier_checkpoints", "codebook": "vqgan_checkpoints",
+               "generator": "generator_checkpoints", "align": "align_checkpoints"}
+
+
+def one_size(name: str, patients: int, workdir: Path, reuse: bool = False, rerun: tuple[str, ...] = (),
+             malloc: str = "default") -> dict:
     """Run one size in a fresh scratch copy; `reuse`: read the stage records of a kept scratch instead (after
-    `dvc commit`, so the status below sees what its stages wrote)."""
+    `dvc commit`, so the status below sees what its stages wrote), or, with `rerun`, run those stages again there
+    and read only their records."""
     work = workdir / name if reuse else scratch(workdir / name, patients)
-    log = work / "measure.jsonl"
+    log = work / ("measure.jsonl" if not rerun else f"measure-rerun-{malloc}.jsonl")
     env = {**os.environ, "CXRSYNTH_MEASURE_LOG": str(log), "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    if malloc == "fixed":
+        env.update(MALLOC_FIXED)
     t0 = time.perf_counter()
     if reuse:
-        if not log.is_file():
-            raise SystemExit(f"--reuse {name}: {log} missing")
+        if not (work / "measure.jsonl").is_file():
+            raise SystemExit(f"--reuse {name}: {work / 'measure.jsonl'} missing")
         run([sys.executable, "-m", "dvc", "commit", "-f", "-q"], work, env)
+        if rerun:
+            log.unlink(missing_ok=True)
+        for stage in rerun:
+            if stage in CHECKPOINTS:
+                shutil.rmtree(work / "models" / CHECKPOINTS[stage], ignore_errors=True)
+            run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "-q", stage], work, env)
+            print(f"[{name}] {stage} re-run ({time.perf_counter() - t0:.0f} s)", flush=True)
     else:
         run([sys.executable, "-m", "bench.measure", "fixture", "stages.fixture"], work, env)
         print(f"[{name}] phantom written ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -149,7 +175,8 @@ def one_size(name: str, patients: int, workdir: Path, reuse: bool = False) -> di
     return {"name": name, "patients": patients, "images": int(ingest["accepted"]), "read": int(ingest["read"]),
             "stages": {r["label"]: r for r in records}, "status_seconds": status[-1],
             "status_first_seconds": status[0], "status_output": out.strip()[:200], "disk": disk,
-            "split_counts": ingest.get("accepted_by_split", {}), "work": str(work), "reused": reuse}
+            "split_counts": ingest.get("accepted_by_split", {}), "work": str(work), "reused": reuse,
+            "malloc": malloc, "rerun": list(rerun)}
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -203,7 +230,11 @@ def report(results: list[dict]) -> str:
                  r["name"] for r in full) + "; a smaller size runs partial batches, or distance blocks smaller than "
              "their 64 MiB cap, so its peak is lower for a reason that does not grow with N), and the extrapolation to "
              f"MIMIC-CXR's {MIMIC_IMAGES:,} images (fixed + slope x N). Reduced training budgets at every size "
-             "(bench/scale.py: BUDGET), one process per stage.", "",
+             "(bench/scale.py: BUDGET), one process per stage."
+             + (" Allocator: glibc thresholds fixed at 128 KiB (`--malloc fixed`): the anonymous peak is the live "
+                "heap, not what the allocator retained of freed blocks." if results[0].get("malloc") == "fixed"
+                else " Allocator: glibc defaults (what a user's run holds, freed blocks the allocator keeps "
+                     "included)."), "",
              "| stage | " + " | ".join(f"anon {x}" for x in names) + " | " + " | ".join(f"RSS {x}" for x in names)
              + " | " + " | ".join(f"s {x}" for x in names) + " | bytes/image | at 377k images |",
              "|---|" + "---:|" * (3 * len(names) + 2)]
@@ -247,7 +278,14 @@ def main() -> None:
                     "its measure.jsonl) is read instead of run again")
     ap.add_argument("--report", default="", metavar="JSON[,JSON...]",
                     help="only write the table from earlier --json files (sizes merged, in order of images)")
+    ap.add_argument("--rerun", default="", help="with --reuse: comma-separated stages to run again in the kept "
+                    "scratches (checkpoints removed); the table holds only them")
+    ap.add_argument("--malloc", choices=("default", "fixed"), default="default",
+                    help="fixed: glibc mmap/trim thresholds fixed at 128 KiB, so the peak is the live heap")
     args = ap.parse_args()
+    rerun = tuple(x for x in args.rerun.split(",") if x)
+    if set(rerun) - set(STAGES):
+        ap.error(f"--rerun: unknown stages {sorted(set(rerun) - set(STAGES))} (one of {', '.join(STAGES)})")
     if args.report:
         merged = [r for f in args.report.split(",") if f for r in json.loads(Path(f).read_text())]
         text = report(sorted(merged, key=lambda r: r["images"]))
@@ -265,9 +303,11 @@ def main() -> None:
     reuse = {x for x in args.reuse.split(",") if x}
     if reuse - {n for n, _ in sizes}:
         ap.error(f"--reuse: {sorted(reuse - {n for n, _ in sizes})} not among --sizes")
+    if rerun and reuse != {n for n, _ in sizes}:
+        ap.error("--rerun needs every size in --reuse (it re-runs stages in kept scratches)")
     results = []
     for name, patients in sizes:
-        r = one_size(name, patients, Path(args.workdir), reuse=name in reuse)
+        r = one_size(name, patients, Path(args.workdir), reuse=name in reuse, rerun=rerun, malloc=args.malloc)
         results.append(r)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         if not args.keep and name not in reuse:

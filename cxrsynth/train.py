@@ -112,6 +112,14 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def kernel_fingerprint() -> str:
+    """Which CPU kernels run (ATen's instruction set, MKL's and oneDNN's pins: `cxrsynth.pin_cpu_isa`): they change
+    the trained bits, so a checkpoint written under other kernels is another run's and is not resumed or returned."""
+    state = [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR", ""),
+             os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))]
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:8]
+
+
 @dataclass
 class TrainResult:
     step: int                       # optimizer steps done
@@ -543,7 +551,8 @@ def _train(model: nn.Module, loss_fn: LossFn, batches: Callable[[int], Any], cfg
     scheduler = make_scheduler(optimizer, cfg)
     ctx = autocast_context(device, cfg.dtype)
     frozen = frozen_names(model)
-    fingerprint = (cfg.fingerprint() + f"-{code_fingerprint(model, loss_fn)}" + (f"-{cfg.run_id}" if cfg.run_id else "")
+    fingerprint = (cfg.fingerprint() + f"-{code_fingerprint(model, loss_fn)}-{kernel_fingerprint()}"
+                   + (f"-{cfg.run_id}" if cfg.run_id else "")
                    + (f"-{frozen_digest(model)}" if frozen else ""))
     out = Path(cfg.out_dir) if cfg.out_dir else None
 

@@ -129,6 +129,22 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path):
     assert result.resumed_from == 4  # finished run of the same params: nothing left to do
 
 
+def test_checkpoint_of_other_cpu_kernels_is_not_returned(tmp_path, monkeypatch):
+    """The CPU kernels (cxrsynth's ISA pin) change the trained bits: a finished run under other kernels is not this
+    run's result."""
+    import os
+
+    import cxrsynth.train as tr
+
+    out = str(tmp_path / "ckpt")
+    assert train(make_net(), loss_fn, batches, cfg(out_dir=out, max_steps=4)).resumed_from == 0
+    assert train(make_net(), loss_fn, batches, cfg(out_dir=out, max_steps=4)).resumed_from == 4
+    before = tr.kernel_fingerprint()
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE" if os.environ.get("MKL_CBWR") != "COMPATIBLE" else "AVX2")
+    assert tr.kernel_fingerprint() != before
+    assert train(make_net(), loss_fn, batches, cfg(out_dir=out, max_steps=4)).resumed_from == 0
+
+
 MODEL_SOURCE = """
 import torch
 from torch import nn
