@@ -18,7 +18,7 @@ the bytes per image, and the extrapolation to 377,110 images. Target: every slop
 at the large size within 2x of the default's. Writes the markdown table to --out and prints it.
 
 `--malloc fixed` runs the stages with glibc's mmap and trim thresholds fixed at 128 KiB
-(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`): every block over 128 KiB is its own mapping, returned to the
+(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`; pyarrow on the system allocator): every block over 128 KiB is its own mapping, returned to the
 kernel when freed, so the anonymous peak is what the code holds live (measured: codebook at 5,114 images, 511 MiB
 against memray's 516 MiB high-water mark) and not what the allocator kept of freed blocks (767-832 MiB over four
 default runs). It is a measurement mode, ~1.5x slower (bench/generator.py), not a setting for users. With
@@ -126,7 +126,8 @@ def du(path: Path) -> int:
     return int(run(["du", "-sb", str(path)], path.parent).stdout.split()[0])
 
 
-MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
+                "ARROW_DEFAULT_MEMORY_POOL": "system"}  # pyarrow's own pool (jemalloc/mimalloc) keeps freed blocks too
 CHECKPOINTS = {"classifier": "classifier_checkpoints", "codebook": "vqgan_checkpoints",
                "generator": "generator_checkpoints", "align": "align_checkpoints"}
 
