@@ -467,3 +467,54 @@ def test_retrieval_subset_is_the_first_pairs_and_all_when_the_cap_is_off_or_abov
     assert pairs.head(0) is pairs and pairs.head(5) is pairs and pairs.head(99) is pairs
     with pytest.raises(ConfigError, match="align.retrieval_max"):
         params_from_dict({"align": {"retrieval_max": -1}})
+
+
+def _toy_truth(text: str) -> dict | None:
+    """A ground-truth record for a toy report: its finding's cells as a box on a 32 x 32 stored image (None for the
+    clear report: an image without a record)."""
+    kind = {"pleural effusion": "effusion", "pneumothorax": "pneumothorax", "cardiomegaly": "cardiomegaly"}
+    name = next((k for k in kind if k in text.lower()), None)
+    if name is None:
+        return None
+    rows, cols = zip(*KINDS[text][1])
+    box = [min(cols) * 8, min(rows) * 8, (max(cols) + 1) * 8, (max(rows) + 1) * 8]
+    return {"dicom_id": text, "rows": 32, "columns": 32, "landmarks": {"unused": list(range(50))},
+            "findings": [{"kind": kind[name], "region": {"box": box, "mask_rle": None}, "side": "right"},
+                         {"kind": "et_tube", "region": None}]}
+
+
+def test_pointing_cases_keep_only_the_asked_maps_and_score_the_same(toy_model):
+    from cxrsynth.eval.alignment import pointing_cases, pointing_truth
+
+    model, _, _, val = toy_model
+    truths = [_toy_truth(t) for t in val.texts]
+    full = pointing_cases(model, val, truths, k=2, image_size=32, resize="pad")
+    slim = pointing_cases(model, val, [r and pointing_truth(r) for r in truths], k=2, image_size=32, resize="pad",
+                          keep_maps=1)
+    assert len(full) == len(slim) == sum(r is not None for r in truths) == 6
+    for a, b in zip(full, slim):
+        assert (a.finding, a.index, a.image_top, a.bank_top) == (b.finding, b.index, b.image_top, b.bank_top)
+        assert np.array_equal(a.cells, b.cells) and a.cells.any()
+    kept = [c for c in slim if c.word_map is not None]
+    # one map per finding group, the first case of each, equal to the unslimmed one
+    assert sorted(c.finding for c in kept) == sorted({c.finding for c in full})
+    for c in kept:
+        first = next(f for f in full if f.finding == c.finding)
+        assert c.index == first.index and np.array_equal(c.word_map, first.word_map)
+    assert pointing_metrics(full, 2) == pointing_metrics(slim, 2)
+    assert all(c.word_map is None for c in pointing_cases(model, val, truths, k=2, image_size=32, resize="pad",
+                                                         keep_maps=0))
+    assert set(pointing_truth(truths[0])) == {"rows", "columns", "findings"}  # the et tube has no region: left out
+    assert [f["kind"] for f in pointing_truth(truths[0])["findings"]] == [truths[0]["findings"][0]["kind"]]
+
+
+def test_truth_by_image_reads_only_the_asked_images(tmp_path):
+    from cxrsynth.data.phantom.truth import truth_by_image
+
+    path = tmp_path / "ground_truth.jsonl"
+    path.write_text("".join(json.dumps({"dicom_id": f"d{i}", "ctr": i / 10}) + "\n" for i in range(5)) + "\n")
+    assert list(truth_by_image(path)) == ["d0", "d1", "d2", "d3", "d4"]
+    assert truth_by_image(path, ids=["d3", "d1", "absent"]) == {"d1": {"dicom_id": "d1", "ctr": 0.1},
+                                                                 "d3": {"dicom_id": "d3", "ctr": 0.3}}
+    assert truth_by_image(path, lambda r: r["ctr"], ids={"d4"}) == {"d4": 0.4}
+    assert truth_by_image(path, ids=[]) == {}

@@ -91,18 +91,32 @@ class PointingCase:
     finding: str
     index: int                       # row in the evaluated pairs
     cells: np.ndarray                # H x W bool
-    word_map: np.ndarray | None      # H x W similarity of the finding's words (None: report has no such words)
+    word_map: np.ndarray | None      # H x W similarity of the finding's words (None: report has no such words,
+                                     # or not kept: `pointing_cases(keep_maps=...)`)
     image_top: list[tuple[int, int]]
     bank_top: list[tuple[int, int]]
 
 
+def pointing_truth(record: dict) -> dict:
+    """What `pointing_cases` reads of a ground-truth record: the stored image's size and the findings it can score
+    (a kind it knows, with a region). A few hundred bytes instead of the whole record's ~23 kB."""
+    return {"rows": record["rows"], "columns": record["columns"],
+            "findings": [{"kind": f["kind"], "region": f["region"]} for f in record.get("findings", [])
+                         if f.get("kind") in KIND_FINDING and f.get("region")]}
+
+
 def pointing_cases(model: AlignModel, pairs: Pairs, truths: Sequence[dict | None], *, k: int, image_size: int,
-                   resize: str) -> list[PointingCase]:
+                   resize: str, keep_maps: int | None = None) -> list[PointingCase]:
     """For every image with a ground-truth record and every finding group drawn in it: its region cells, the
     word-to-patch map of the finding's words in the image's own report and its top-k cells (image-based), and the
-    cells of the key patches the bank gives the report's term for that finding (bank-based)."""
+    cells of the key patches the bank gives the report's term for that finding (bank-based).
+
+    `keep_maps`: keep the word map of only the first that many cases with one per finding group (the heat-map
+    figure's examples) and None for the rest (their top cells are kept): the scores need no maps, and every map
+    kept is H x W floats per case. None keeps all."""
     grid = model.config.grid
     cases = []
+    kept: dict[str, int] = {}
     # one batch of word-to-patch maps at a time (a split's maps at once would be ~T x H x W x 4 bytes per image:
     # 128 kB at 128 tokens over 16 x 16)
     for i, (truth, (tb, row, sims)) in enumerate(zip(truths, model.iter_token_maps(pairs.texts, pairs.grids),
@@ -127,6 +141,11 @@ def pointing_cases(model: AlignModel, pairs: Pairs, truths: Sequence[dict | None
             sp = [s for n in names[name] for s in spans.get(n, [])]
             m = span_map(tb, row, sims, sp) if sp else None
             image_top = top_positions(m, k) if m is not None else []
+            if m is not None and keep_maps is not None:
+                if kept.get(name, 0) >= keep_maps:
+                    m = None
+                else:
+                    kept[name] = kept.get(name, 0) + 1
             term = next((t for t in terms if t.pathology in names[name]), None)
             bank_top = [(kp.row, kp.col) for kp in model.bank.select([term], k)] \
                 if (term is not None and model.bank is not None) else []

@@ -28,7 +28,7 @@ from cxrsynth.config import stage_params
 from cxrsynth.data.arrays import split_images, split_rows
 from cxrsynth.data.phantom.truth import TRUTH_FILE, truth_by_image
 from cxrsynth.data.tokens import load_tokens
-from cxrsynth.eval.alignment import heatmap_tiles, pointing_cases, pointing_metrics
+from cxrsynth.eval.alignment import heatmap_tiles, pointing_cases, pointing_metrics, pointing_truth
 from cxrsynth.io import write_json
 from cxrsynth.keypatches import build_bank
 from cxrsynth.models.align_training import Pairs, fit, retrieval_metrics
@@ -90,14 +90,17 @@ def main() -> None:
     sidecar = Path(paths.phantom) / TRUTH_FILE
     tiles, caps = [], []
     if sidecar.is_file():
-        truth = truth_by_image(sidecar)
+        held_splits = [s for s in ("validate", "test") if s in data]
+        # only the held-out images' records, and only what the pointing game reads of them
+        truth = truth_by_image(sidecar, pointing_truth, ids={d for s in held_splits for d in data[s][1].dicom_id})
         cases_by_split = {}
-        for split in ("validate", "test"):
-            if split in data:
-                pairs, rows = data[split]
-                cases_by_split[split] = pointing_cases(model, pairs, [truth.get(d) for d in rows.dicom_id],
-                                                       k=p.pointing_k, image_size=params.ingest.image_size,
-                                                       resize=params.ingest.resize)
+        for split in held_splits:
+            pairs, rows = data[split]
+            cases_by_split[split] = pointing_cases(model, pairs, [truth.get(d) for d in rows.dicom_id],
+                                                   k=p.pointing_k, image_size=params.ingest.image_size,
+                                                   resize=params.ingest.resize,
+                                                   keep_maps=p.heatmap_examples if split == "validate" else 0)
+        del truth
         held_out = [c for cs in cases_by_split.values() for c in cs]
         metrics["pointing/k"] = p.pointing_k
         metrics["pointing/splits"] = sorted(cases_by_split)

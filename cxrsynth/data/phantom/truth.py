@@ -7,7 +7,7 @@ the patient's right is on the image's left on frontal views (radiological conven
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -217,6 +217,17 @@ def iter_truth(path: str | Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def truth_by_image(path: str | Path, keep: Callable[[dict], dict] | None = None) -> dict[str, dict]:
-    """dicom_id -> the image's record (or `keep(record)`, what a caller needs of it)."""
-    return {str(r["dicom_id"]): (keep(r) if keep else r) for r in iter_truth(path)}
+def truth_by_image(path: str | Path, keep: Callable[[dict], dict] | None = None,
+                   ids: Collection[str] | None = None) -> dict[str, dict]:
+    """dicom_id -> the image's record (or `keep(record)`, what a caller needs of it); with `ids`, only those images.
+
+    A parsed record is ~23 kB of Python objects (the phantom's landmarks, labels and regions; measured with
+    tracemalloc on the default phantom), so a caller that needs a few fields of some images passes both: whole
+    records of every image would be ~8.7 GB at MIMIC-CXR's 377k images."""
+    wanted = None if ids is None else {str(i) for i in ids}
+    out = {}
+    for r in iter_truth(path):
+        d = str(r["dicom_id"])
+        if wanted is None or d in wanted:
+            out[d] = keep(r) if keep else r
+    return out
