@@ -21,6 +21,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -316,3 +317,39 @@ def test_killed_training_stages_resume_and_finish(runs, tmp_path):
         got = _folder_bytes(repo / "models" / model)
         assert got.keys() == want.keys(), stage
         assert [k for k in want if got[k] != want[k]] == [], stage
+
+
+def test_replicated_data_feeds_the_stages_and_slopes_are_per_image(runs, tmp_path):
+    """bench/replicate.py: F copies of a finished run's data line up (rows, tokens, ground truth) so the stages run
+    on them as on a real N x F dataset."""
+    import yaml
+
+    from bench.replicate import replicate, run_stages
+    from bench.scale import BUDGET, merge
+    from cxrsynth.data.arrays import split_rows
+    from cxrsynth.data.tokens import load_tokens
+
+    src = runs[0]["repo"]
+    params = merge(yaml.safe_load((src / "params.yaml").read_text()), BUDGET)
+    work = tmp_path / "x3"
+    counts = replicate(src, work, 3, params)
+    one = pd.read_parquet(src / "data/interim/manifest.parquet")
+    man = pd.read_parquet(work / "data/interim/manifest.parquet")
+    assert len(man) == 3 * len(one) and man.dicom_id.is_unique
+    assert man.groupby("study_id").subject_id.nunique().max() == 1  # a copy's studies keep their own patient
+    truth = [json.loads(x) for x in (work / "data/raw/phantom/ground_truth.jsonl").read_text().splitlines()]
+    assert len(truth) == 3 * len((src / "data/raw/phantom/ground_truth.jsonl").read_text().splitlines())
+    assert set(man.dicom_id.astype(str)) <= {r["dicom_id"] for r in truth}
+    for split, n in counts.items():
+        tokens = load_tokens(work / "data/tokens", split)  # the sidecar's hashes match the repeated arrays
+        rows = split_rows(man, split, len(tokens), split)  # image_row 0..3n-1, each copy after the other
+        assert len(tokens) == n == 3 * (one.split == split).sum() - 3 * ((one.split == split) & (one.image_row < 0)).sum()
+        third = n // 3
+        assert np.array_equal(np.asarray(tokens[:third]), np.asarray(tokens[third:2 * third]))
+        assert list(rows.dicom_id[third:2 * third]) == [f"{d}-r1" for d in rows.dicom_id[:third]]
+    recs = run_stages(work, ("tokens", "align"), "default")
+    assert [r["label"] for r in recs] == ["tokens", "align"] and all(r["rc"] == 0 for r in recs)
+    assert json.loads((work / "metrics/align.json").read_text())["train_pairs"] == counts["train"]
+    # the tokens stage re-encoded the repeated images: the same codes as the source's, three times
+    again = np.asarray(load_tokens(work / "data/tokens", "train"))
+    assert np.array_equal(again, np.concatenate([np.asarray(load_tokens(src / "data/tokens", "train"))] * 3))

@@ -36,6 +36,7 @@ from cxrsynth.models.vqgan import VQGAN, weights_sha256
 from cxrsynth.text.sections import report_text
 from cxrsynth.viz import image_grid
 
+ROW_COLUMNS = ("subject_id", "study_id", "dicom_id", "view")  # what callers read of `split_pairs`' rows
 HEATMAP_FINDINGS = ("pleural effusion", "pneumothorax", "cardiomegaly", "consolidation", "lung lesion")
 
 
@@ -44,7 +45,8 @@ def split_pairs(manifest: pd.DataFrame, tokens_dir: Path, split: str, vqgan_sha:
     grids = np.asarray(load_tokens(tokens_dir, split, expected_sha256=vqgan_sha))
     rows = split_rows(manifest, split, len(grids), f"{tokens_dir}/tokens_{split}.npy")
     texts = [report_text(f, i, lp) for f, i, lp in zip(rows.findings, rows.impression, rows.last_paragraph)]
-    return Pairs(texts, grids, rows.study_id.to_numpy()), rows
+    # the section columns are in `texts` now: the rows keep only what the stage reads later (~1 kB per image less)
+    return Pairs(texts, grids, rows.study_id.to_numpy()), rows[[c for c in rows.columns if c in ROW_COLUMNS]]
 
 
 def main() -> None:
@@ -59,6 +61,7 @@ def main() -> None:
         "split", "image_row", "study_id", "dicom_id", "view", "findings", "impression", "last_paragraph"])
     data = {s: split_pairs(manifest, Path(paths.tokens), s, sha) for s in ("train", "validate", "test")
             if (manifest.split == s).any()}
+    del manifest
     train_pairs = data["train"][0]
     validate = data.get("validate", (Pairs([], train_pairs.grids[:0], np.zeros(0)), None))[0]
 

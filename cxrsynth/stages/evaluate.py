@@ -41,7 +41,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -303,11 +303,12 @@ def privacy_block(report: Memorization, test_to_train_feature: np.ndarray) -> di
     return out
 
 
-def load_truth(path: str | Path) -> dict[str, dict]:
-    """The phantom sidecar as dicom_id -> {ctr, view, findings: [{kind, side}]} (only what the checks use)."""
+def load_truth(path: str | Path, ids: Collection[str] | None = None) -> dict[str, dict]:
+    """The phantom sidecar as dicom_id -> {ctr, view, findings: [{kind, side}]} (only what the checks use), of the
+    images `ids` (None: all)."""
     return truth_by_image(path, lambda r: {"ctr": r.get("ctr"), "view": r.get("view"),
                                            "findings": [{"kind": x.get("kind"), "side": x.get("side")}
-                                                        for x in r.get("findings", [])]})
+                                                        for x in r.get("findings", [])]}, ids=ids)
 
 
 def item_frames(synthetic: SyntheticSet, test: RealSplit, feats: dict[str, Features], floor_idx: np.ndarray,
@@ -488,7 +489,7 @@ def evaluate_all(e: EvaluateParams, classifier_params: ClassifierParams, *, synt
         metrics.update({f"{p}/{k}": None for p in ("phantom", "phantom/real") for k in gkeys})
         metrics["phantom/paired_ctr_corr"] = None
     else:
-        truth = load_truth(truth_path)
+        truth = load_truth(truth_path, ids=set(real["test"].rows.dicom_id.astype(str)))  # the test images only
         sides = [one_sided_effusion(t) for t in synthetic.manifest["terms"]]
         ctr, asym = measure_geometry(synth_small, sides, progress)
         metrics.update(geometry_block("phantom", ctr, synthetic.labels[:, OBSERVATIONS.index("Cardiomegaly")] == 1.0,
