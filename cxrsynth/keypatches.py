@@ -317,16 +317,19 @@ def _adjusted_effects(z: np.ndarray, zy: np.ndarray, k: int, covariates: Sequenc
 
 @torch.no_grad()
 def _query_maps(model: AlignModel, grids: np.ndarray, queries: torch.Tensor, batch_size: int,
-                space: str = "patches"):
+                space: str = "patches", rows: Sequence[int] | None = None):
     """Yield (first row, maps B x K x H x W, vectors B x HW x D): each image's patch similarity to each query, empty
     film set to the map's minimum, z-scored over the grid (so every image weighs the same); and per cell, by
     `space`, its L2-normalised patch embedding (`patches`) or its code's frozen VQ-GAN codebook vector (`codes`),
-    empty film set to 0."""
+    empty film set to 0. `rows`: only those rows of `grids`, in that order (first row = position in `rows`), read a
+    batch at a time instead of copied out whole."""
     h, w = model.config.grid
     q = queries.to(model.device)
     codebook = model.core.patch_encoder.codebook
-    for start in range(0, len(grids), batch_size):
-        g = model._grids(grids[start:start + batch_size])
+    n = len(grids) if rows is None else len(rows)
+    for start in range(0, n, batch_size):
+        g = model._grids(grids[start:start + batch_size] if rows is None
+                         else grids[np.asarray(rows[start:start + batch_size], dtype=np.int64)])
         p = F.normalize(model.embed_patches(g).float(), dim=-1)
         s = torch.einsum("bpd,kd->bkp", p, q)
         v = p if space == "patches" else codebook[g.long().reshape(len(g), -1)].float()
@@ -535,7 +538,7 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, setti
             voting.setdefault(i, []).append(key)
     need = sorted(voting)
     index = {key: k for k, key in enumerate(keys)}
-    for start, maps, _ in _query_maps(model, grids[need], q, batch_size):
+    for start, maps, _ in _query_maps(model, grids, q, batch_size, rows=need):
         for b in range(len(maps)):
             i = need[start + b]
             for key in voting[i]:
