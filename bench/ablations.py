@@ -115,6 +115,48 @@ def seed_table(runs: dict, *, n_boot: int, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_table(per_seed: list[list], arms: list[str]) -> str:
+    """Arm (c) minus each other arm, over seeds: per headline the mean of the per-seed point differences (sign
+    turned so that + means (c) is better), a t interval over the seeds (k - 1 degrees of freedom: the training noise
+    the per-seed bootstrap does not see, as far as k seeds can show it) and how many seeds' own 95% bootstrap
+    interval puts (c) ahead. `per_seed[s]` is `compare_runs`' rows at seed s with arm (c) first, then `arms`."""
+    import numpy as np
+    from scipy import stats
+
+    k = len(per_seed)
+    head = ["metric", "better"] + [f"(c) - {ARMS[a].split(' ', 1)[0]}" for a in arms]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, row in enumerate(per_seed[0]):
+        h = row.headline
+        if h.better not in ("higher", "lower"):
+            continue
+        sign = 1.0 if h.better == "higher" else -1.0
+        cells = []
+        for j in range(len(arms)):
+            diffs = [rows[i].diffs[j] for rows in per_seed]
+            d = [-sign * x.value for x in diffs if x is not None and x.value is not None]
+            if not d:
+                cells.append("n/a")
+                continue
+            mean = float(np.mean(d))
+            if len(d) > 1:
+                half = float(stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d)))
+                ci = f" [{mean - half:+.3g}, {mean + half:+.3g}]" + (" *" if mean - half > 0 or mean + half < 0
+                                                                    else "")
+            else:
+                ci = ""
+            # (c) ahead at a seed: its paired interval of (other - c) lies wholly on the side where c is better
+            ahead = sum(1 for x in diffs if x is not None and x.lo is not None
+                        and (x.hi < 0 if sign > 0 else x.lo > 0))
+            cells.append(f"{mean:+.3g}{ci}; ahead {ahead}/{k}")
+        lines.append(f"| {h.name} | {h.better} | " + " | ".join(cells) + " |")
+    lines += ["", f"Per contrast: the mean over {k} seeds of (c)'s advantage (+ = (c) better, whichever way the "
+                  "headline runs) [95% t interval over seeds; `*`: it excludes 0]; ahead m/k: the seeds at which "
+                  "(c)'s paired (or, for (b)'s prompt-level rows, unpaired) bootstrap interval lies wholly on its "
+                  "better side."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> None:
     import argparse
 
@@ -154,13 +196,18 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"error: {e}") from None
     order = [a for a in ("c", "a", "b") if a in runs]
     out = ["## Over seeds", "", seed_table(items, n_boot=args.n_boot)]
+    per_seed, seeds_out = [], []
     for s in range(k.pop()):
         names = [ARMS[a].split(" ", 1)[0] for a in order]
-        out += [f"## Seed {s}: differences to arm (c)", "",
-                "Runs: " + ", ".join(f"{ARMS[a]} = `{runs[a][s]}`" for a in order) + ".", "",
-                markdown(names, compare_runs([items[a][s] for a in order], n_boot=args.n_boot, seed=s)) if
-                len(order) > 1 else seed_table({order[0]: [items[order[0]][s]]}, n_boot=args.n_boot)]
-    sys.stdout.write("\n".join(out))
+        rows = compare_runs([items[a][s] for a in order], n_boot=args.n_boot, seed=s) if len(order) > 1 else None
+        per_seed.append(rows)
+        seeds_out += [f"## Seed {s}: differences to arm (c)", "",
+                      "Runs: " + ", ".join(f"{ARMS[a]} = `{runs[a][s]}`" for a in order) + ".", "",
+                      markdown(names, rows) if rows is not None
+                      else seed_table({order[0]: [items[order[0]][s]]}, n_boot=args.n_boot)]
+    if len(order) > 1 and "c" in runs:
+        out += ["## Does arm (c) beat the others? Pooled over seeds", "", pooled_table(per_seed, order[1:])]
+    sys.stdout.write("\n".join(out + seeds_out))
 
 
 if __name__ == "__main__":

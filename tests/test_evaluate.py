@@ -501,3 +501,31 @@ def test_every_headline_is_recomputed_from_the_per_item_table(tiny_pipeline, tmp
     assert out["semantic/macro_auroc/n"] == len(set(items.role("synthetic").unit))
     assert summary["fid"]["value"] == pytest.approx(m["fidelity/classifier/fid"], rel=1e-3)
     json.dumps(out, allow_nan=False)
+
+
+def test_ablation_pooled_table_turns_signs_and_counts_seeds():
+    from types import SimpleNamespace
+
+    from bench.ablations import pooled_table
+    from cxrsynth.compare import Row
+    from cxrsynth.eval.intervals import Interval
+
+    def hl(name, better):
+        return SimpleNamespace(name=name, better=better)
+
+    def iv(v, lo, hi):
+        return Interval(v, lo, hi, 10, 100)
+
+    # (a) - (c) at three seeds: AUROC (higher better) -0.1, -0.2, -0.3 -> (c) ahead by 0.2 on average;
+    # FID (lower better) +1, +1, +4 -> (c) ahead by 2
+    per_seed = [[Row(hl("semantic_auroc", "higher"), [], [iv(-d, -d - 0.05, -d + 0.05)], ["paired"]),
+                 Row(hl("fid", "lower"), [], [iv(f, f - 2, f + 2)], ["paired"]),
+                 Row(hl("ctr_gap", "closer"), [], [iv(0.0, -1, 1)], ["paired"])]
+                for d, f in ((0.1, 1.0), (0.2, 1.0), (0.3, 4.0))]
+    md = pooled_table(per_seed, ["a"])
+    sem = next(line for line in md.splitlines() if line.startswith("| semantic_auroc"))
+    half = 4.302653 * 0.1 / 3 ** 0.5  # t(0.975, 2) x sd / sqrt(k)
+    assert f"+0.2 [{0.2 - half:+.3g}, {0.2 + half:+.3g}]" in sem and "ahead 3/3" in sem and "*" not in sem
+    fid = next(line for line in md.splitlines() if line.startswith("| fid"))
+    assert "+2 [" in fid and "ahead 1/3" in fid  # only the +4 seed's interval [2, 6] excludes 0
+    assert "ctr_gap" not in md  # no direction: not a contest
