@@ -11,10 +11,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # trained different weights on two machines (measured: every model folder and the evaluation differed after
 # classifier). Pinning all three to AVX2 makes the kernels the same wherever AVX2 exists (every x86-64 CPU since
 # 2013-2015), at ~1.3x the CPU time of AVX-512 (bench/generator.py: 7.9k vs 10.3k image tokens/s on one thread).
-# Set before torch is imported; a variable the user sets wins, and CXRSYNTH_CPU_ISA=native leaves them all unset.
-# GPU kernels are not affected.
+# numpy dispatches its ufunc loops (exp, log, sin, ...) by instruction set as well: the AVX-512 levels of the pinned
+# numpy 2.4 are disabled, so the phantom's renderer computes the same pixels everywhere (measured 2026-12-08: the
+# committed lock's phantom, made on an AVX-512 Intel machine, differed from the one an AVX2-only AMD EPYC wrote, text
+# identical, pixels not; that this pin removes the difference is the expected cause, not yet checked on an
+# AVX-512 machine). The names are numpy 2.4's (`numpy._core._multiarray_umath.__cpu_dispatch__`).
+# Set before torch and numpy are imported; a variable the user sets wins, and CXRSYNTH_CPU_ISA=native leaves them
+# all unset. GPU kernels are not affected.
 CPU_ISA_PIN = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
-               "MKL_CBWR": "AVX2"}
+               "MKL_CBWR": "AVX2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 
 
 def _has_avx2() -> bool:
@@ -30,7 +35,7 @@ def _has_avx2() -> bool:
 
 def pin_cpu_isa(environ=os.environ) -> bool:
     """Set the CPU_ISA_PIN variables (where unset) unless CXRSYNTH_CPU_ISA is `native` or the CPU has no AVX2;
-    returns whether the pin applies. Must run before torch is imported to take effect."""
+    returns whether the pin applies. Must run before torch and numpy are imported to take effect."""
     choice = environ.get("CXRSYNTH_CPU_ISA", "avx2")
     if choice not in ("avx2", "native"):
         raise SystemExit(f"CXRSYNTH_CPU_ISA: expected avx2 or native, got {choice!r}")

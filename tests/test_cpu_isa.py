@@ -49,3 +49,31 @@ def test_importing_cxrsynth_first_runs_the_avx2_kernels():
     assert probe(CXRSYNTH_CPU_ISA="native", **cxrsynth.CPU_ISA_PIN)[2] == pinned
     # and it is deterministic
     assert probe()[2] == pinned
+
+
+NUMPY_PROBE = """
+import cxrsynth, os
+from numpy._core import _multiarray_umath as m
+print(os.environ.get("NPY_DISABLE_CPU_FEATURES", "-").replace(" ", ","),
+      ",".join(f for f in m.__cpu_dispatch__ if m.__cpu_features__.get(f)) or "-")
+"""
+
+
+def test_numpy_dispatch_stops_below_avx512_unless_native():
+    """numpy's ufunc loops are pinned with the rest: no AVX-512 level is active after `import cxrsynth` (on an
+    AVX2-only CPU none is found anyway; the variable is what makes an AVX-512 machine compute the same bits)."""
+    if not cxrsynth._has_avx2():
+        pytest.skip("the pin applies only where AVX2 exists")
+
+    def run(**env):
+        clean = {k: v for k, v in os.environ.items() if k not in (*cxrsynth.CPU_ISA_PIN, "CXRSYNTH_CPU_ISA")}
+        out = subprocess.run([sys.executable, "-W", "error", "-c", NUMPY_PROBE], env={**clean, **env},
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    disabled, active = run()
+    from numpy._core import _multiarray_umath as m
+    assert set(disabled.split(",")) <= set(m.__cpu_dispatch__)  # names this numpy knows (an unknown one warns)
+    assert not set(active.split(",")) & {"X86_V4", "AVX512_ICL", "AVX512_SPR"}
+    assert run(CXRSYNTH_CPU_ISA="native")[0] == "-"
