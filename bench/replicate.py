@@ -25,7 +25,6 @@ default phantom (503 frontal images per copy).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -39,18 +38,11 @@ import pandas as pd
 import yaml
 
 from bench.scale import BUDGET, CHECKPOINTS, MALLOC_FIXED, MIMIC_IMAGES, STAGES, fit, merge, mib, peak
+from cxrsynth.io import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_STAGES = tuple(s for s in STAGES if s != "ingest")  # ingest reads the release, which is not replicated
 ID_STEP = 1_000_000_000  # study and subject ids of copy c: + c x ID_STEP (MIMIC ids have 8 digits)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _repeat_npy(src: Path, dst: Path, factor: int) -> None:
@@ -94,10 +86,10 @@ def replicate(source: Path, work: Path, factor: int, params: dict) -> dict[str, 
         dst = work / tokens / entry["file"]
         _repeat_npy(source / tokens / entry["file"], dst, factor)
         entry["count"] = int(entry["count"]) * factor
-        entry["sha256"] = _sha256(dst)
+        entry["sha256"] = file_sha256(dst)
         images = work / interim / f"images_{split}.npy"
         if images.is_file():
-            entry["images_sha256"] = _sha256(images)
+            entry["images_sha256"] = file_sha256(images)
     meta["counts"] = {s: int(v["count"]) for s, v in meta["splits"].items()}
     (work / tokens / "tokens.json").write_text(json.dumps(meta, indent=2) + "\n")
     truth = source / phantom / "ground_truth.jsonl"
