@@ -7,7 +7,7 @@ held-out pointing game, so rules and models can be told apart from noise).
                                                        # and the previous release's rule (patches, none of them)
     python -m bench.align_bank models/align shift,text # another trained align folder, chosen rules
 
-For each fold the bank is built (`build_bank`, the stage's `align.bank` size, min_support, strata and mirror unless a line says
+For each fold the bank is built (`build_bank`, the stage's `align.bank` per_key, min_support, strata and mirror unless a line says
 otherwise) from the training images of half the patients, and the pointing game (k = align.pointing_k) runs on the
 training images of the other half plus validate and test. The alignment model itself saw all training images, for
 every rule alike, so the comparison between rules is fair; the absolute numbers are not the stage's held-out ones.

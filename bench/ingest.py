@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=128)
     args = ap.parse_args()
     work = Path(args.workdir) / args.size
-    fix = FixtureParams(size=args.size)
+    fix = FixtureParams(cohort=args.size)
     if not (work / "phantom" / "ground_truth.jsonl").exists():
         t = time.perf_counter()
         generate(fix, 0, work / "mimic-cxr", work / "mimic-cxr-jpg", work / "phantom", workers=os.cpu_count() or 1)

@@ -94,7 +94,7 @@ def scratch(work: Path, patients: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = merge(params, BUDGET)
     params["fixture"]["sizes"] = {**params["fixture"]["sizes"], "scale": patients}
-    params["fixture"]["size"] = "scale"
+    params["fixture"]["cohort"] = "scale"
     # the release lives outside the workspace, as a user's download does: DVC walks every folder of its workspace
     # on each `status` to find pipeline files (measured: 16k phantom folders inside it made a no-op status 2.7x
     # slower at 5k images); only the files ingest lists as deps are read

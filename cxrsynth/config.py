@@ -67,7 +67,7 @@ class PathsParams:
 class FixtureParams:
     """The embedded MIMIC-CXR-shaped phantom dataset (stages/fixture.py)."""
 
-    size: str = _opt("default", doc="a key of `sizes`")
+    cohort: str = _opt("default", doc="a key of `sizes`: how many patients the phantom has")
     sizes: dict = _opt({"tiny": 12, "default": 300, "bench": 1500}, doc="patients per named size")
     max_studies_per_patient: int = _opt(4, lo=1, hi=20)
     image_scale: float = _opt(0.125, lo=0.05, hi=1.0, doc="image size relative to MIMIC's (~3000 x 2500 px)")
@@ -88,8 +88,8 @@ class FixtureParams:
         for name, n in self.sizes.items():
             if not isinstance(name, str) or isinstance(n, bool) or not isinstance(n, int) or n < 2:
                 raise ConfigError(f"fixture.sizes.{name}: expected a patient count int >= 2, got {n!r}")
-        if self.size not in self.sizes:
-            raise ConfigError(f"fixture.size: expected one of {sorted(self.sizes)}, got {self.size!r}")
+        if self.cohort not in self.sizes:
+            raise ConfigError(f"fixture.cohort: expected one of {sorted(self.sizes)}, got {self.cohort!r}")
         if self.validate_fraction + self.test_fraction >= 0.9:
             raise ConfigError("fixture.test_fraction: validate_fraction + test_fraction must stay below 0.9")
         if self.jpeg2000_fraction + self.rle_fraction > 1.0:
@@ -97,7 +97,7 @@ class FixtureParams:
 
     @property
     def patients(self) -> int:
-        return int(self.sizes[self.size])
+        return int(self.sizes[self.cohort])
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,7 @@ class ClassifierParams:
 class BankParams:
     """The key-patch bank the align stage builds from the training pairs (params.yaml `align.bank`)."""
 
-    size: int = _opt(16, lo=1, hi=4096, doc="key patches kept per bank key")
+    per_key: int = _opt(16, lo=1, hi=4096, doc="key patches kept per bank key")
     min_support: int = _opt(3, lo=1, hi=100000, doc="training images a bank key needs")
     rule: str = _opt("shift", choices=("shift", "text", "both"), doc="bank score map: shift of the key's images (in "
                      "space) | their query-similarity difference | both (cxrsynth.keypatches.build_bank)")
@@ -548,6 +548,13 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     return value
 
 
+# DVC leaves every mapping key named `size` or `nfiles` out of its run-cache key (`dvc.stage.cache._get_cache_hash`
+# filters them at any depth, as output metadata), so a param of that name could change without DVC re-running the
+# stage: it would restore the outputs of the old value. No param is named so; these were, and are renamed.
+DVC_IGNORED_KEYS = ("size", "nfiles")
+RENAMED = {"fixture.size": "fixture.cohort", "align.bank.size": "align.bank.per_key"}
+
+
 def build_section(cls: type, name: str, raw: Any) -> Any:
     """Turn one params.yaml section (a mapping) into its frozen dataclass, rejecting unknown keys."""
     if raw is None:
@@ -557,6 +564,9 @@ def build_section(cls: type, name: str, raw: Any) -> Any:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{name}.{key}" in RENAMED:
+            raise ConfigError(f"{name}.{key}: renamed to {RENAMED[f'{name}.{key}']} (DVC's run cache ignores keys named "
+                              f"{' / '.join(DVC_IGNORED_KEYS)}: a change would not re-run the stage)")
         if key not in fields:
             raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(sorted(fields))})")
     values = {k: _check_value(f"{name}.{k}", v, hints[k], dict(fields[k].metadata)) for k, v in raw.items()}

@@ -396,7 +396,7 @@ def build_bank(model: AlignModel, texts: Sequence[str], grids: np.ndarray, setti
     Streams over the images (two passes), so the memory does not grow with the training set. `text_states`: the
     frozen encoder's states of exactly `texts` (the store `fit` wrote, `model.text_states`), read per chunk instead
     of encoding the reports again."""
-    size, min_support, rule, mirror = settings.size, settings.min_support, settings.rule, settings.mirror
+    size, min_support, rule, mirror = settings.per_key, settings.min_support, settings.rule, settings.mirror
     smooth, adjust, ridge, space = settings.smooth, settings.adjust, settings.ridge, settings.space
     if settings.strata == "none":
         strata = None

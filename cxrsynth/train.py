@@ -113,10 +113,11 @@ class TrainConfig:
 
 
 def kernel_fingerprint() -> str:
-    """Which CPU kernels run (ATen's instruction set, MKL's and oneDNN's pins: `cxrsynth.pin_cpu_isa`): they change
+    """Which CPU kernels run (ATen's instruction set, MKL's, oneDNN's and numpy's pins: `cxrsynth.pin_cpu_isa`): they change
     the trained bits, so a checkpoint written under other kernels is another run's and is not resumed or returned."""
     state = [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR", ""),
-             os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))]
+             os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")),
+             os.environ.get("NPY_DISABLE_CPU_FEATURES", "")]
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:8]
 
 

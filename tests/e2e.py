@@ -21,7 +21,7 @@ SKIP_TOP = {"data", "models", "metrics", "dvclive", "dvc_plots", ".venv", ".git"
 
 # Every stage at the smallest size that still exercises its code paths (~2-3 minutes for the whole pipeline).
 TINY = {
-    "fixture": {"size": "e2e", "sizes": {"tiny": 12, "default": 300, "bench": 1500, "e2e": 40},
+    "fixture": {"cohort": "e2e", "sizes": {"tiny": 12, "default": 300, "bench": 1500, "e2e": 40},
                 "contact_sheet_images": 4},
     "ingest": {"image_size": 64, "grid_images": 4},
     "prompts": {"n_sampled": 12, "min_count": 2},

@@ -122,7 +122,7 @@ def test_wordpiece_vocab_is_deterministic_and_covers_every_character():
 
 TOY_PARAMS = AlignParams(text_encoder="scratch", scratch_hidden=32, scratch_layers=1, scratch_heads=2,
                          text_head_layers=0, embed_dim=32, patch_dim=32, patch_layers=0, patch_heads=2, steps=80,
-                         batch_size=8, lr=3e-3, warmup_steps=5, eval_every=40, bank=BankParams(size=4, min_support=2),
+                         batch_size=8, lr=3e-3, warmup_steps=5, eval_every=40, bank=BankParams(per_key=4, min_support=2),
                          mask_background=False)
 
 
@@ -132,7 +132,7 @@ def toy_model(tmp_path_factory):
     codebook = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     model, result = fit(TOY_PARAMS, train, val, codebook, seed=0, device="cpu", progress=False,
                         workdir=tmp_path_factory.mktemp("w"))
-    model.bank = old_rule_bank(model, train.texts, train.grids, size=4, min_support=2)
+    model.bank = old_rule_bank(model, train.texts, train.grids, per_key=4, min_support=2)
     return model, result, train, val
 
 
@@ -176,7 +176,7 @@ def test_streamed_token_maps_equal_the_whole_list_and_are_made_a_batch_at_a_time
 
 def test_bank_and_key_patches_are_deterministic_and_follow_the_findings(toy_model):
     model, _, train, _ = toy_model
-    again = old_rule_bank(model, train.texts, train.grids, size=4, min_support=2)
+    again = old_rule_bank(model, train.texts, train.grids, per_key=4, min_support=2)
     assert again.to_dict() == model.bank.to_dict()
     assert "pleural effusion|right pleural space" in model.bank.entries and "pleural effusion" in model.bank.entries
     prompt = "FINDINGS: Moderate right pleural effusion."
@@ -192,7 +192,7 @@ def test_bank_and_key_patches_are_deterministic_and_follow_the_findings(toy_mode
 @pytest.mark.parametrize("rule", ["shift", "text"])
 def test_every_bank_rule_finds_the_findings_places(toy_model, rule):
     model, _, train, _ = toy_model
-    bank = old_rule_bank(model, train.texts, train.grids, size=4, min_support=2, rule=rule)
+    bank = old_rule_bank(model, train.texts, train.grids, per_key=4, min_support=2, rule=rule)
     assert bank.meta["rule"] == rule
     for text, (code, cells) in KINDS.items():
         if code is None:
@@ -236,8 +236,8 @@ def test_bank_compares_within_views(toy_model):
         return [(kp.row, kp.col) for kp in bank.entries[key]].index((3, 3))
 
     # the shift rule sees any change of the patches (the toy model never learnt the mark, so its words do not)
-    pooled = old_rule_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=None)
-    within = old_rule_bank(model, pairs.texts, pairs.grids, size=16, min_support=2, rule="shift", strata=views)
+    pooled = old_rule_bank(model, pairs.texts, pairs.grids, per_key=16, min_support=2, rule="shift", strata=None)
+    within = old_rule_bank(model, pairs.texts, pairs.grids, per_key=16, min_support=2, rule="shift", strata=views)
     assert within.meta["strata"] == ["AP", "PA"] and pooled.meta["strata"] is None
     assert rank_of_mark(pooled) <= len(cells) + 1  # right after the finding's own cells
     assert rank_of_mark(within) >= 12  # among the last of the 16 cells
@@ -259,8 +259,8 @@ def test_bank_shift_in_code_space_does_not_need_the_patch_encoder(toy_model):
         blind.core.patch_encoder.row.zero_()
         blind.core.patch_encoder.col.zero_()
     key = "pleural effusion|right pleural space"
-    codes = old_rule_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="codes")
-    patches = old_rule_bank(blind, pairs.texts, pairs.grids, size=3, min_support=2, rule="shift", space="patches")
+    codes = old_rule_bank(blind, pairs.texts, pairs.grids, per_key=3, min_support=2, rule="shift", space="codes")
+    patches = old_rule_bank(blind, pairs.texts, pairs.grids, per_key=3, min_support=2, rule="shift", space="patches")
     assert codes.meta["space"] == "codes" and patches.meta["space"] == "patches"
     assert set((kp.row, kp.col) for kp in codes.entries[key]) == set(cells)
     assert set((kp.row, kp.col) for kp in patches.entries[key]) != set(cells)
@@ -293,8 +293,8 @@ def test_bank_adjustment_takes_a_co_occurring_finding_out_of_the_map(toy_model):
         order = [(kp.row, kp.col) for kp in bank.entries["pleural effusion"]]
         return sorted(order.index(c) for c in heart), set(order[:3])
 
-    plain = old_rule_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0)
-    fitted = old_rule_bank(model, texts, grids, size=H * W, min_support=2, rule="shift", space="codes", smooth=0.0,
+    plain = old_rule_bank(model, texts, grids, per_key=H * W, min_support=2, rule="shift", space="codes", smooth=0.0)
+    fitted = old_rule_bank(model, texts, grids, per_key=H * W, min_support=2, rule="shift", space="codes", smooth=0.0,
                         adjust=True)
     assert fitted.meta["adjust"] and not plain.meta["adjust"]
     heart_plain, top_plain = ranks(plain)
@@ -314,8 +314,8 @@ def test_bank_mirror_pools_left_and_right(toy_model):
     pairs, views = _bank_set([("FINDINGS: There is a left pneumothorax.", 12, left, "PA", 4),
                               ("FINDINGS: There is a right pneumothorax.", 12, right, "PA", 1),
                               (CLEAR, None, [], "PA", 8)], 4)
-    plain = old_rule_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=False)
-    pooled = old_rule_bank(model, pairs.texts, pairs.grids, size=4, min_support=2, mirror=True)
+    plain = old_rule_bank(model, pairs.texts, pairs.grids, per_key=4, min_support=2, mirror=False)
+    pooled = old_rule_bank(model, pairs.texts, pairs.grids, per_key=4, min_support=2, mirror=True)
     # unpooled, the right side has too few images of its own, and the pair borrows the (left) pathology's place
     assert "pneumothorax@right" not in plain.entries
     assert set((kp.row, kp.col) for kp in plain.entries["pneumothorax|right pleural space"][:3]) != set(right)

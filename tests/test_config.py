@@ -1,4 +1,5 @@
 """Params validation: every rule stops with one line naming the key."""
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_repo_params_file_is_valid_and_complete():
     p = load_params(ROOT / "params.yaml")
     assert isinstance(p, Params)
-    assert p.fixture.patients == p.fixture.sizes[p.fixture.size]
+    assert p.fixture.patients == p.fixture.sizes[p.fixture.cohort]
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     # every field of every section is spelled out in params.yaml, so `dvc params diff` shows all knobs
     import dataclasses
@@ -35,10 +36,12 @@ def test_repo_params_file_is_valid_and_complete():
     ({"fixture": {"patiens": 3}}, "fixture.patiens"),
     ({"fixture": {"image_scale": 3.0}}, "fixture.image_scale"),
     ({"fixture": {"image_scale": "big"}}, "fixture.image_scale"),
-    ({"fixture": {"size": "huge"}}, "fixture.size"),
+    ({"fixture": {"cohort": "huge"}}, "fixture.cohort"),
+    ({"fixture": {"size": "tiny"}}, "fixture.size"),
+    ({"align": {"bank": {"size": 4}}}, "align.bank.size"),
     ({"fixture": {"write_jpg": 1}}, "fixture.write_jpg"),
     ({"fixture": {"max_studies_per_patient": 2.5}}, "fixture.max_studies_per_patient"),
-    ({"fixture": {"sizes": {"tiny": 1}, "size": "tiny"}}, "fixture.sizes.tiny"),
+    ({"fixture": {"sizes": {"tiny": 1}, "cohort": "tiny"}}, "fixture.sizes.tiny"),
     ({"fixture": {"validate_fraction": 0.5, "test_fraction": 0.45}}, "fixture.test_fraction"),
     ({"base": {"seed": -1}}, "base.seed"),
     ({"base": {"seed": True}}, "base.seed"),
@@ -59,12 +62,12 @@ def test_bad_values_name_the_key(raw, key):
 
 
 def test_defaults_and_types():
-    p = params_from_dict({"fixture": {"size": "tiny", "image_scale": 1}})
+    p = params_from_dict({"fixture": {"cohort": "tiny", "image_scale": 1}})
     assert p.fixture.patients == 12
     assert isinstance(p.fixture.image_scale, float)
     assert p.base.seed == 0
     with pytest.raises(dataclasses_frozen_error()):
-        p.fixture.size = "default"  # type: ignore[misc]
+        p.fixture.cohort = "default"  # type: ignore[misc]
     assert FixtureParams().patients == 300
 
 
@@ -90,10 +93,10 @@ def test_stage_stops_with_one_line_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, "-m", "stages.fixture"], cwd=tmp_path, capture_output=True, text=True,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == ("params error: fixture.patiens: unknown key (known: contact_sheet_images, cr_fraction, "
+    assert r.stderr.strip() == ("params error: fixture.patiens: unknown key (known: cohort, contact_sheet_images, cr_fraction, "
                                 "image_defect_fraction, image_scale, jpeg2000_fraction, lateral_fraction, "
                                 "max_studies_per_patient, monochrome1_fraction, report_defect_fraction, rle_fraction, "
-                                "size, sizes, test_fraction, validate_fraction, write_jpg, write_reports_zip)")
+                                "sizes, test_fraction, validate_fraction, write_jpg, write_reports_zip)")
     assert not (tmp_path / "data").exists()
 
 
@@ -107,5 +110,48 @@ def test_missing_and_malformed_params_file(tmp_path):
 
 
 def test_a_nested_section_takes_its_defaults_key_by_key():
-    p = params_from_dict({"align": {"bank": {"size": 4}}})
-    assert p.align.bank.size == 4 and p.align.bank == dataclasses.replace(params_from_dict({}).align.bank, size=4)
+    p = params_from_dict({"align": {"bank": {"per_key": 4}}})
+    assert p.align.bank.per_key == 4 and p.align.bank == dataclasses.replace(params_from_dict({}).align.bank, per_key=4)
+
+
+def _leaves(d, path=()):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, path + (k,))
+        else:
+            yield path + (k,)
+
+
+def test_every_param_changes_dvcs_run_cache_key():
+    """DVC restores a stage's outputs from its run cache when the key of (cmd, deps, params) matches; the key is
+    hashed by DVC's own function, which drops keys named like output metadata. Every leaf of params.yaml, changed,
+    must change that key, or `dvc exp run -S` of it would silently restore the old value's outputs."""
+    from dvc.stage.cache import _get_cache_hash
+
+    from cxrsynth.config import DVC_IGNORED_KEYS
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def key(params):
+        return _get_cache_hash({"cmd": "python -m stages.x", "deps": [], "params": {"params.yaml": params},
+                                "outs": [{"path": "out"}]}, key=True)
+
+    base = key(raw)
+    leaves = list(_leaves(raw))
+    assert len(leaves) > 200
+    for path in leaves:
+        changed = copy.deepcopy(raw)
+        node = changed
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = ["changed", node[path[-1]]]
+        assert key(changed) != base, ".".join(path)
+    # and the guard's premise holds: DVC does drop these names (if a DVC release stops, the renames are harmless)
+    assert key({**raw, "fixture": {**raw["fixture"], DVC_IGNORED_KEYS[0]: "x"}}) == base
+
+
+def test_a_param_under_its_old_dvc_ignored_name_says_where_it_went():
+    with pytest.raises(ConfigError, match=r"^fixture.size: renamed to fixture.cohort \(DVC's run cache"):
+        params_from_dict({"fixture": {"size": "bench"}})
+    with pytest.raises(ConfigError, match=r"^align.bank.size: renamed to align.bank.per_key"):
+        params_from_dict({"align": {"bank": {"size": 4}}})

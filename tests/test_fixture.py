@@ -24,7 +24,7 @@ from cxrsynth.eval.geometry import measure_ctr
 from cxrsynth.text.chexpert import OBSERVATIONS
 
 # Tiny, but with every encoding represented and defects planted.
-TEST_PARAMS = FixtureParams(size="t", sizes={"t": 14}, jpeg2000_fraction=0.3, rle_fraction=0.15,
+TEST_PARAMS = FixtureParams(cohort="t", sizes={"t": 14}, jpeg2000_fraction=0.3, rle_fraction=0.15,
                             image_defect_fraction=0.05, report_defect_fraction=0.05, contact_sheet_images=8)
 DX_SOP = "1.2.840.10008.5.1.4.1.1.1.1"
 CR_SOP = "1.2.840.10008.5.1.4.1.1.1"
@@ -303,7 +303,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_same_bytes_other_seed_other_dataset(tmp_path):
-    small = FixtureParams(size="t", sizes={"t": 4}, jpeg2000_fraction=0.3, rle_fraction=0.2,
+    small = FixtureParams(cohort="t", sizes={"t": 4}, jpeg2000_fraction=0.3, rle_fraction=0.2,
                           contact_sheet_images=4)
     a = _make(tmp_path / "a", small, seed=3)
     b = _make(tmp_path / "b", small, seed=3)
@@ -332,7 +332,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_phantom(tmp_path):
     (real / "files").mkdir(parents=True)
     (real / "files" / "precious.dcm").write_bytes(b"real data")
     with pytest.raises(FileExistsError, match="not a phantom"):
-        generate(FixtureParams(size="t", sizes={"t": 2}), 0, real, None, tmp_path / "phantom")
+        generate(FixtureParams(cohort="t", sizes={"t": 2}), 0, real, None, tmp_path / "phantom")
     assert (real / "files" / "precious.dcm").read_bytes() == b"real data"
 
 

@@ -661,11 +661,11 @@ def test_align_fit_on_cuda_hands_back_a_working_cpu_model(tmp_path, tiny_bert, t
     assert np.isfinite(matched).all() and matched.mean() > shuffled.mean()
     r = retrieval_metrics(model.similarity_matrix(val.texts, val.grids), val.groups)
     assert r["text_to_image/R@1"] > r["text_to_image/chance@1"]
-    bank_cpu = old_rule_bank(model, train_pairs.texts, train_pairs.grids, size=4, min_support=2)
+    bank_cpu = old_rule_bank(model, train_pairs.texts, train_pairs.grids, per_key=4, min_support=2)
     model.to(CUDA)
     with strict_fp32():
         assert np.abs(model.score(val.texts, val.grids) - matched).max() < 1e-5
-        bank_gpu = old_rule_bank(model, train_pairs.texts, train_pairs.grids, size=4, min_support=2)
+        bank_gpu = old_rule_bank(model, train_pairs.texts, train_pairs.grids, per_key=4, min_support=2)
     assert set(bank_gpu.entries) == set(bank_cpu.entries) and bank_cpu.entries
     for key, entries in bank_cpu.entries.items():
         a = [kp.score for kp in entries]

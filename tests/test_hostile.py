@@ -66,9 +66,9 @@ def test_a_key_written_twice_names_the_key_and_both_lines(tmp_path):
     (tmp_path / "params.yaml").write_text(doubled)
     with pytest.raises(ConfigError, match=rf"^synthesize.top_p: key written twice \(lines {line - 1} and {line}\)"):
         load_params(tmp_path / "params.yaml")
-    nested = text.replace("    size: 16", "    size: 16\n    size: 4", 1)  # inside align.bank
+    nested = text.replace("    per_key: 16", "    per_key: 16\n    per_key: 4", 1)  # inside align.bank
     (tmp_path / "params.yaml").write_text(nested)
-    with pytest.raises(ConfigError, match=r"^align.bank.size: key written twice"):
+    with pytest.raises(ConfigError, match=r"^align.bank.per_key: key written twice"):
         load_params(tmp_path / "params.yaml")
     r = _stage(tmp_path, "synthesize", text=doubled)
     assert r.returncode == 2 and _one_line(r.stderr).startswith("params error: synthesize.top_p: key written twice")

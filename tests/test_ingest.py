@@ -21,7 +21,7 @@ from cxrsynth.data.phantom.dataset import generate
 from cxrsynth.text.chexpert import OBSERVATIONS
 from cxrsynth.text.sections import section_report
 
-FIX = FixtureParams(size="t", sizes={"t": 12}, image_defect_fraction=0.08, report_defect_fraction=0.08,
+FIX = FixtureParams(cohort="t", sizes={"t": 12}, image_defect_fraction=0.08, report_defect_fraction=0.08,
                     contact_sheet_images=2)
 ING = IngestParams(image_size=32, grid_images=4)
 DEFECT_REASON = {"corrupt_dicom": "corrupt", "truncated_dicom": "truncated", "missing_image": "missing_file"}

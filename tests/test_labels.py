@@ -133,7 +133,7 @@ def phantom_reports():
     """Reports (and their truth labels) for two tiny phantom datasets: ~550 studies, every report style."""
     out = []
     for seed in (3, 11):
-        for patient in sample_dataset(FixtureParams(size="tiny", sizes={"tiny": 150}), seed=seed):
+        for patient in sample_dataset(FixtureParams(cohort="tiny", sizes={"tiny": 150}), seed=seed):
             prior = None
             for study in patient.studies:
                 out.append(write_report(study, prior, patient.anatomy, np.random.default_rng(study.study_id)))

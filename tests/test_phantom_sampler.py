@@ -80,7 +80,7 @@ def test_follow_ups_reference_their_prior_and_move_forward_in_time(default_truth
 
 
 def test_sampler_is_deterministic_and_seed_sensitive():
-    small = FixtureParams(size="tiny")
+    small = FixtureParams(cohort="tiny")
     a, b, c = sample_dataset(small, 1), sample_dataset(small, 1), sample_dataset(small, 2)
     assert a == b
     assert [p.subject_id for p in a] != [p.subject_id for p in c]

@@ -21,7 +21,7 @@ PARAMS = PromptsParams(min_count=2, n_sampled=40)
 @pytest.fixture(scope="module")
 def interim(tmp_path_factory):
     base = tmp_path_factory.mktemp("p")
-    generate(FixtureParams(size="t", sizes={"t": 40}, contact_sheet_images=1), 0, base / "raw", None,
+    generate(FixtureParams(cohort="t", sizes={"t": 40}, contact_sheet_images=1), 0, base / "raw", None,
              base / "phantom", workers=0)
     ingest(IngestParams(image_size=16, grid_images=1), base / "raw", base / "nojpg", base / "interim", workers=0)
     return base

@@ -103,7 +103,7 @@ def test_phantom_reports_section_as_their_writer_intended():
     from cxrsynth.data.phantom.reports import write_report
     from cxrsynth.data.phantom.sampler import sample_dataset
 
-    patients = sample_dataset(FixtureParams(size="tiny", sizes={"tiny": 60}), seed=5)
+    patients = sample_dataset(FixtureParams(cohort="tiny", sizes={"tiny": 60}), seed=5)
     styles = set()
     for p in patients:
         prior = None

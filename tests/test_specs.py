@@ -19,7 +19,7 @@ from cxrsynth.text.writers import HFWriter, HTTPWriter, TemplateWriter, diversit
 
 @pytest.fixture(scope="module")
 def reports():
-    patients = sample_dataset(FixtureParams(size="t", sizes={"t": 150}), seed=11)
+    patients = sample_dataset(FixtureParams(cohort="t", sizes={"t": 150}), seed=11)
     out = []
     for p in patients:
         prior = None

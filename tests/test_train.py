@@ -143,6 +143,9 @@ def test_checkpoint_of_other_cpu_kernels_is_not_returned(tmp_path, monkeypatch):
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE" if os.environ.get("MKL_CBWR") != "COMPATIBLE" else "AVX2")
     assert tr.kernel_fingerprint() != before
     assert train(make_net(), loss_fn, batches, cfg(out_dir=out, max_steps=4)).resumed_from == 0
+    mkl = tr.kernel_fingerprint()
+    monkeypatch.setenv("NPY_DISABLE_CPU_FEATURES", os.environ.get("NPY_DISABLE_CPU_FEATURES", "") + " AVX512F")
+    assert tr.kernel_fingerprint() != mkl  # numpy's dispatch pin counts too (the phantom's pixels depend on it)
 
 
 MODEL_SOURCE = """
